@@ -1,0 +1,15 @@
+//! Compiles the proto with protox (pure Rust), so no system `protoc` is needed,
+//! and writes the descriptor set that server reflection serves.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/riskgate/v1/riskgate.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("riskgate_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}

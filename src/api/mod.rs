@@ -1,0 +1,132 @@
+//! The gRPC surface: the `riskgate.v1.RiskEngine` service, health and
+//! reflection. Decoding and validation happen here, and so does the mapping
+//! of engine errors to status codes (in one place: [`status`]).
+
+pub mod validate;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+use crate::decision::{Action, Decision, Reason};
+use crate::engine::{Engine, EngineError, Evaluated};
+use crate::pb;
+use crate::pb::risk_engine_server::{RiskEngine, RiskEngineServer};
+
+/// The RiskEngine service over an [`Engine`].
+#[derive(Clone)]
+pub struct Api {
+    engine: Engine,
+}
+
+impl Api {
+    pub fn new(engine: Engine) -> Api {
+        Api { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl RiskEngine for Api {
+    async fn evaluate(
+        &self,
+        request: Request<pb::EvaluateRequest>,
+    ) -> Result<Response<pb::Decision>, Status> {
+        let recharge = validate::recharge(request.into_inner(), crate::now_ms())?;
+        let evaluated = self.engine.evaluate(recharge).await.map_err(status)?;
+        Ok(Response::new(decision_reply(&evaluated)))
+    }
+
+    async fn record_event(
+        &self,
+        request: Request<pb::Event>,
+    ) -> Result<Response<pb::RecordEventResponse>, Status> {
+        let login = validate::login(request.into_inner(), crate::now_ms())?;
+        let replayed = self.engine.record_login(login).await.map_err(status)?;
+        Ok(Response::new(pb::RecordEventResponse { replayed }))
+    }
+
+    async fn report_outcome(
+        &self,
+        request: Request<pb::Outcome>,
+    ) -> Result<Response<pb::ReportOutcomeResponse>, Status> {
+        let outcome = validate::outcome(request.into_inner(), crate::now_ms())?;
+        let replayed = self.engine.report_outcome(outcome).await.map_err(status)?;
+        Ok(Response::new(pb::ReportOutcomeResponse { replayed }))
+    }
+}
+
+/// Engine errors as gRPC statuses.
+fn status(e: EngineError) -> Status {
+    match e {
+        EngineError::Conflict(_) => Status::already_exists(e.to_string()),
+        EngineError::UnknownRequest(_) => Status::not_found(e.to_string()),
+        EngineError::UserMismatch { .. } => Status::invalid_argument(format!("user_id: {e}")),
+    }
+}
+
+fn action(a: Action) -> i32 {
+    match a {
+        Action::Allow => pb::Action::Allow,
+        Action::Challenge => pb::Action::Challenge,
+        Action::Block => pb::Action::Block,
+    }
+    .into()
+}
+
+fn reason(r: &Reason) -> pb::Reason {
+    pb::Reason {
+        rule_id: r.rule_id.to_string(),
+        code: r.code.clone(),
+        message: r.message.clone(),
+        action: action(r.action),
+        score: clamp(r.score),
+    }
+}
+
+fn clamp(score: i64) -> i32 {
+    score.clamp(i32::MIN as i64, i32::MAX as i64) as i32
+}
+
+pub fn decision_reply(e: &Evaluated) -> pb::Decision {
+    let d: &Decision = &e.decision;
+    pb::Decision {
+        request_id: d.request_id.clone(),
+        action: action(d.action),
+        challenge: d.challenge.clone(),
+        score: clamp(d.score),
+        reasons: d.reasons.iter().map(reason).collect(),
+        shadow_reasons: d.shadow_reasons.iter().map(reason).collect(),
+        ruleset_version: d.ruleset_version.to_string(),
+        replayed: e.replayed,
+    }
+}
+
+/// Serves RiskEngine, health and reflection on `listener` until `shutdown`
+/// resolves; requests in flight finish first.
+pub async fn serve(
+    engine: Engine,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RiskEngineServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::DESCRIPTOR)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(RiskEngineServer::new(Api::new(engine)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// Binds `addr` (port 0 picks a free one).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

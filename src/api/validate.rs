@@ -1,0 +1,220 @@
+//! Wire messages -> domain types. All input checking lives here, so every
+//! refusal is an INVALID_ARGUMENT that names the field, and nothing past this
+//! point ever sees bad input.
+
+use std::net::IpAddr;
+
+use tonic::Status;
+
+use crate::model::{Account, AccountStatus, Facts, Login, Outcome, OutcomeKind, Recharge};
+use crate::pb;
+
+/// Longest request_id, event_id, user_id, device_id or target accepted.
+pub const MAX_ID_LEN: usize = 128;
+/// Longest currency, channel or product accepted.
+pub const MAX_TAG_LEN: usize = 32;
+/// Most attributes per request.
+pub const MAX_ATTRIBUTES: usize = 32;
+/// Longest attribute key.
+pub const MAX_ATTRIBUTE_KEY_LEN: usize = 64;
+/// Longest attribute value.
+pub const MAX_ATTRIBUTE_VALUE_LEN: usize = 256;
+/// Largest amount accepted, in fen (10 million yuan): a guard against
+/// overflow in sums, far above any single recharge.
+pub const MAX_AMOUNT: i64 = 1_000_000_000;
+/// How far in the past an event time may be: the longest window span.
+pub const MAX_PAST_MS: i64 = 30 * 86_400_000;
+/// How far in the future an event time may be (clock skew).
+pub const MAX_FUTURE_MS: i64 = 5 * 60_000;
+
+fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {why}"))
+}
+
+fn required(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    bounded(field, value, max)
+}
+
+fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(invalid(field, format_args!("is longer than {max} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+fn parse_ip(field: &str, text: &str) -> Result<(IpAddr, String), Status> {
+    let ip: IpAddr = text
+        .trim()
+        .parse()
+        .map_err(|_| invalid(field, format_args!("`{text}` is not an IPv4 or IPv6 address")))?;
+    // IPv4-mapped IPv6 is the IPv4 address: one address, one key.
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    Ok((ip, ip.to_string()))
+}
+
+/// Event time: 0 means now; otherwise within the accepted range.
+fn event_time(field: &str, ts: i64, now: i64) -> Result<i64, Status> {
+    if ts == 0 {
+        return Ok(now);
+    }
+    if ts < now - MAX_PAST_MS {
+        return Err(invalid(field, "is more than 30 days in the past"));
+    }
+    if ts > now + MAX_FUTURE_MS {
+        return Err(invalid(field, "is more than 5 minutes in the future"));
+    }
+    Ok(ts)
+}
+
+pub fn recharge(req: pb::EvaluateRequest, now: i64) -> Result<Recharge, Status> {
+    required("request_id", &req.request_id, MAX_ID_LEN)?;
+    required("user_id", &req.user_id, MAX_ID_LEN)?;
+    if req.amount <= 0 {
+        return Err(invalid("amount", "must be greater than 0 (fen)"));
+    }
+    if req.amount > MAX_AMOUNT {
+        return Err(invalid("amount", format_args!("must be at most {MAX_AMOUNT} fen")));
+    }
+    bounded("currency", &req.currency, MAX_TAG_LEN)?;
+    if !req.currency.chars().all(|c| c.is_ascii_alphabetic()) || !matches!(req.currency.len(), 0 | 3) {
+        return Err(invalid("currency", "must be a three-letter ISO 4217 code"));
+    }
+    bounded("channel", &req.channel, MAX_TAG_LEN)?;
+    bounded("product", &req.product, MAX_TAG_LEN)?;
+    bounded("target", &req.target, MAX_ID_LEN)?;
+    bounded("device_id", &req.device_id, MAX_ID_LEN)?;
+    if req.ip.is_empty() {
+        return Err(invalid("ip", "is required"));
+    }
+    let (ip, ip_text) = parse_ip("ip", &req.ip)?;
+    let timestamp_ms = event_time("timestamp_ms", req.timestamp_ms, now)?;
+    attributes(&req.attributes)?;
+    let account = match req.account {
+        Some(a) => Account {
+            real_name_verified: a.real_name_verified,
+            status: account_status(a.status)?,
+            created_at_ms: a.created_at_ms,
+            has_purchase_history: a.has_purchase_history,
+        },
+        None => Account::default(),
+    };
+    if account.created_at_ms < 0 {
+        return Err(invalid("account.created_at_ms", "must not be negative"));
+    }
+    let currency = if req.currency.is_empty() {
+        "CNY".to_string()
+    } else {
+        req.currency.to_ascii_uppercase()
+    };
+    Ok(Recharge {
+        request_id: req.request_id,
+        facts: Facts {
+            user_id: req.user_id,
+            ip_text,
+            device_id: req.device_id,
+            target: req.target,
+            channel: req.channel,
+            product: req.product,
+            currency,
+            amount: req.amount,
+            timestamp_ms,
+        },
+        ip,
+        account,
+        attributes: req.attributes,
+        dry_run: req.dry_run,
+    })
+}
+
+fn attributes(attrs: &std::collections::HashMap<String, String>) -> Result<(), Status> {
+    if attrs.len() > MAX_ATTRIBUTES {
+        return Err(invalid(
+            "attributes",
+            format_args!("has {} entries, at most {MAX_ATTRIBUTES} are accepted", attrs.len()),
+        ));
+    }
+    for (k, v) in attrs {
+        if k.is_empty() || k.len() > MAX_ATTRIBUTE_KEY_LEN {
+            return Err(invalid("attributes", format_args!("key `{k}` must be 1 to {MAX_ATTRIBUTE_KEY_LEN} bytes")));
+        }
+        bounded(&format!("attributes[{k}]"), v, MAX_ATTRIBUTE_VALUE_LEN)?;
+    }
+    Ok(())
+}
+
+fn account_status(raw: i32) -> Result<AccountStatus, Status> {
+    use pb::AccountStatus as P;
+    Ok(match P::try_from(raw) {
+        Ok(P::Unspecified) => AccountStatus::Unspecified,
+        Ok(P::Active) => AccountStatus::Active,
+        Ok(P::Frozen) => AccountStatus::Frozen,
+        Ok(P::Lost) => AccountStatus::Lost,
+        Ok(P::Arrears) => AccountStatus::Arrears,
+        Ok(P::Closed) => AccountStatus::Closed,
+        Err(_) => return Err(invalid("account.status", format_args!("unknown value {raw}"))),
+    })
+}
+
+pub fn login(ev: pb::Event, now: i64) -> Result<Login, Status> {
+    bounded("event_id", &ev.event_id, MAX_ID_LEN)?;
+    required("user_id", &ev.user_id, MAX_ID_LEN)?;
+    let succeeded = match pb::EventKind::try_from(ev.kind) {
+        Ok(pb::EventKind::LoginSucceeded) => true,
+        Ok(pb::EventKind::LoginFailed) => false,
+        _ => return Err(invalid("kind", "must be EVENT_KIND_LOGIN_SUCCEEDED or EVENT_KIND_LOGIN_FAILED")),
+    };
+    bounded("device_id", &ev.device_id, MAX_ID_LEN)?;
+    let (ip, ip_text) = if ev.ip.is_empty() {
+        (None, String::new())
+    } else {
+        let (ip, text) = parse_ip("ip", &ev.ip)?;
+        (Some(ip), text)
+    };
+    attributes(&ev.attributes)?;
+    Ok(Login {
+        event_id: ev.event_id,
+        user_id: ev.user_id,
+        succeeded,
+        ip,
+        ip_text,
+        device_id: ev.device_id,
+        timestamp_ms: event_time("timestamp_ms", ev.timestamp_ms, now)?,
+    })
+}
+
+pub fn outcome(o: pb::Outcome, now: i64) -> Result<Outcome, Status> {
+    required("request_id", &o.request_id, MAX_ID_LEN)?;
+    bounded("user_id", &o.user_id, MAX_ID_LEN)?;
+    let kind = match pb::OutcomeKind::try_from(o.kind) {
+        Ok(pb::OutcomeKind::Succeeded) => OutcomeKind::Succeeded,
+        Ok(pb::OutcomeKind::Failed) => OutcomeKind::Failed,
+        Ok(pb::OutcomeKind::Chargeback) => OutcomeKind::Chargeback,
+        Ok(pb::OutcomeKind::ChallengePassed) => OutcomeKind::ChallengePassed,
+        Ok(pb::OutcomeKind::ChallengeFailed) => OutcomeKind::ChallengeFailed,
+        _ => return Err(invalid("kind", "must name an outcome (OUTCOME_KIND_SUCCEEDED...)")),
+    };
+    // Chargebacks arrive weeks later: only the future is bounded here.
+    let timestamp_ms = match o.timestamp_ms {
+        0 => now,
+        ts if ts > now + MAX_FUTURE_MS => {
+            return Err(invalid("timestamp_ms", "is more than 5 minutes in the future"))
+        }
+        ts if ts < 0 => return Err(invalid("timestamp_ms", "must not be negative")),
+        ts => ts,
+    };
+    Ok(Outcome {
+        request_id: o.request_id,
+        user_id: o.user_id,
+        kind,
+        timestamp_ms,
+    })
+}

@@ -1,0 +1,93 @@
+//! Server configuration: a TOML file (`--config`), overridden by flags and
+//! environment variables. Every field has a default, so no file is needed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::pack::manifest::parse_span;
+use crate::state::memory::MemoryLimits;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the RiskEngine gRPC service (with health and reflection) listens on.
+    pub listen: SocketAddr,
+    /// The rule pack folder.
+    pub rules: PathBuf,
+    /// IP location database: a `.mmdb` (GeoLite2/GeoIP2 City, or the flat
+    /// ip-location-db schema) or a CSV `network,country,region,city,latitude,longitude`.
+    /// Unset: `geo/demo.csv` if present, else the same demo data built in.
+    pub geo: Option<PathBuf>,
+    /// Most window keys (and, separately, user profiles) tracked at once; the
+    /// least recently used are evicted past it.
+    pub max_tracked_keys: usize,
+    /// Most idempotency records (decided request ids) kept at once.
+    pub max_idempotency_records: usize,
+    /// How long a decision is kept for retries and outcomes, e.g. "24h".
+    pub idempotency_ttl: String,
+    /// How often idle keys and expired records are swept, e.g. "30s".
+    pub sweep_interval: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let limits = MemoryLimits::default();
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            rules: PathBuf::from("rules"),
+            geo: None,
+            max_tracked_keys: limits.max_tracked_keys,
+            max_idempotency_records: limits.max_idempotency_records,
+            idempotency_ttl: "24h".to_string(),
+            sweep_interval: "30s".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {field} `{value}` is not a duration like 30s, 10m, 24h")]
+    Duration { field: &'static str, value: String },
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn memory_limits(&self) -> Result<MemoryLimits, ConfigError> {
+        Ok(MemoryLimits {
+            max_tracked_keys: self.max_tracked_keys,
+            max_idempotency_records: self.max_idempotency_records,
+            idempotency_ttl_ms: duration("idempotency_ttl", &self.idempotency_ttl)?,
+        })
+    }
+
+    pub fn sweep_interval_ms(&self) -> Result<i64, ConfigError> {
+        duration("sweep_interval", &self.sweep_interval)
+    }
+}
+
+fn duration(field: &'static str, value: &str) -> Result<i64, ConfigError> {
+    parse_span(value).ok_or_else(|| ConfigError::Duration {
+        field,
+        value: value.to_string(),
+    })
+}

@@ -1,0 +1,106 @@
+//! The `riskgate` command: a thin layer over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use riskgate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "riskgate", version, about = "Real-time risk control for recharge platforms")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the RiskEngine gRPC API.
+    Serve {
+        /// Address to listen on [default: 127.0.0.1:50051].
+        #[arg(long, env = "RISKGATE_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Rule pack folder [default: ./rules].
+        #[arg(long, env = "RISKGATE_RULES")]
+        rules: Option<PathBuf>,
+        /// IP location database (.mmdb or .csv) [default: geo/demo.csv].
+        #[arg(long, env = "RISKGATE_GEO")]
+        geo: Option<PathBuf>,
+        /// TOML config file; flags and environment variables override it.
+        #[arg(long, env = "RISKGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Load and compile a rule pack as the server would; report every problem.
+    Check {
+        /// Rule pack folder.
+        #[arg(default_value = "rules")]
+        pack: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            listen,
+            rules,
+            geo,
+            config,
+        } => {
+            let mut cfg = match config.as_deref().map(Config::from_file).transpose() {
+                Ok(c) => c.unwrap_or_default(),
+                Err(e) => return fail(e),
+            };
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(r) = rules {
+                cfg.rules = r;
+            }
+            if geo.is_some() {
+                cfg.geo = geo;
+            }
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => return fail(e),
+            };
+            match runtime.block_on(riskgate::server::run(cfg, riskgate::server::shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Check { pack } => match riskgate::pack::Pack::load(&pack) {
+            Ok(p) => {
+                println!(
+                    "{}: ok, version {}, {} rules, {} windows, {} lists",
+                    pack.display(),
+                    p.version,
+                    p.rules.len(),
+                    p.plan.windows.len(),
+                    p.lists.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                for problem in &e.problems {
+                    println!("{problem}");
+                }
+                println!("{} problem(s)", e.problems.len());
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("riskgate: {e}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,197 @@
+//! Domain types: what the API layer hands the engine after validation.
+//!
+//! Everything here is already checked (see `api::validate`), so the engine and
+//! the rules never see a missing user, a negative amount or a bad address.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+/// One recharge request to score.
+#[derive(Debug, Clone)]
+pub struct Recharge {
+    pub request_id: String,
+    /// The keyed fields: user, amount, target, address, device... (see [`Facts`]).
+    pub facts: Facts,
+    pub ip: IpAddr,
+    pub account: Account,
+    pub attributes: HashMap<String, String>,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Account {
+    pub real_name_verified: bool,
+    pub status: AccountStatus,
+    /// Unix ms; 0 when unknown.
+    pub created_at_ms: i64,
+    pub has_purchase_history: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AccountStatus {
+    #[default]
+    Unspecified,
+    Active,
+    Frozen,
+    Lost,
+    Arrears,
+    Closed,
+}
+
+impl AccountStatus {
+    /// The lower-case name scripts compare against (`account.status == "frozen"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AccountStatus::Unspecified => "unspecified",
+            AccountStatus::Active => "active",
+            AccountStatus::Frozen => "frozen",
+            AccountStatus::Lost => "lost",
+            AccountStatus::Arrears => "arrears",
+            AccountStatus::Closed => "closed",
+        }
+    }
+}
+
+/// A login, successful or not.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub event_id: String,
+    pub user_id: String,
+    pub succeeded: bool,
+    pub ip: Option<IpAddr>,
+    pub ip_text: String,
+    pub device_id: String,
+    pub timestamp_ms: i64,
+}
+
+/// What became of a decided request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeKind {
+    Succeeded,
+    Failed,
+    Chargeback,
+    ChallengePassed,
+    ChallengeFailed,
+}
+
+impl OutcomeKind {
+    pub fn bit(self) -> u8 {
+        match self {
+            OutcomeKind::Succeeded => 1,
+            OutcomeKind::Failed => 2,
+            OutcomeKind::Chargeback => 4,
+            OutcomeKind::ChallengePassed => 8,
+            OutcomeKind::ChallengeFailed => 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub request_id: String,
+    /// Empty when the caller did not say; otherwise it must match the request.
+    pub user_id: String,
+    pub kind: OutcomeKind,
+    pub timestamp_ms: i64,
+}
+
+/// A request field a window key or a distinct count can be made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Field {
+    UserId,
+    Ip,
+    DeviceId,
+    Target,
+    Channel,
+    Product,
+    Amount,
+    Currency,
+}
+
+impl Field {
+    pub fn parse(name: &str) -> Option<Field> {
+        Some(match name {
+            "user_id" => Field::UserId,
+            "ip" => Field::Ip,
+            "device_id" => Field::DeviceId,
+            "target" => Field::Target,
+            "channel" => Field::Channel,
+            "product" => Field::Product,
+            "amount" => Field::Amount,
+            "currency" => Field::Currency,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::UserId => "user_id",
+            Field::Ip => "ip",
+            Field::DeviceId => "device_id",
+            Field::Target => "target",
+            Field::Channel => "channel",
+            Field::Product => "product",
+            Field::Amount => "amount",
+            Field::Currency => "currency",
+        }
+    }
+
+    /// Fields a login event carries.
+    pub fn on_login(self) -> bool {
+        matches!(self, Field::UserId | Field::Ip | Field::DeviceId)
+    }
+}
+
+/// The fields of a recharge that windows are keyed on, kept after the decision
+/// so outcomes can find the same keys.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    pub user_id: String,
+    /// The address in canonical text form, so one address is one key.
+    pub ip_text: String,
+    pub device_id: String,
+    pub target: String,
+    pub channel: String,
+    pub product: String,
+    /// ISO 4217, upper case; "CNY" when the caller sent none.
+    pub currency: String,
+    /// Minor units (fen), > 0 for recharges.
+    pub amount: i64,
+    /// Event time, Unix ms (the server's clock when the caller sent 0).
+    pub timestamp_ms: i64,
+}
+
+impl Facts {
+    /// Writes the value of `field` to `out`; false when it is empty (a window
+    /// keyed on an empty field does not apply to this request).
+    pub fn write(&self, field: Field, out: &mut String) -> bool {
+        let text = match field {
+            Field::UserId => &self.user_id,
+            Field::Ip => &self.ip_text,
+            Field::DeviceId => &self.device_id,
+            Field::Target => &self.target,
+            Field::Channel => &self.channel,
+            Field::Product => &self.product,
+            Field::Currency => &self.currency,
+            Field::Amount => {
+                let _ = write!(out, "{}", self.amount);
+                return true;
+            }
+        };
+        out.push_str(text);
+        !text.is_empty()
+    }
+}
+
+impl Login {
+    pub fn facts(&self) -> Facts {
+        Facts {
+            user_id: self.user_id.clone(),
+            ip_text: self.ip_text.clone(),
+            device_id: self.device_id.clone(),
+            timestamp_ms: self.timestamp_ms,
+            ..Facts::default()
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The Rhai side of a rule pack: the sandboxed engine and the API scripts see.
+//!
+//! A rule is a script evaluated once per request. It sees seven read-only
+//! variables and answers with a hit or with nothing:
+//!
+//! | variable  | what it is                                                        |
+//! |-----------|-------------------------------------------------------------------|
+//! | `request` | the recharge: `amount` (fen), `user_id`, `ip`, `channel`, ...      |
+//! | `account` | `status` ("active", "frozen"...), `real_name_verified`, `age_days` |
+//! | `window`  | `window.NAME`: a window's value, this request included             |
+//! | `geo`     | the IP's location: `known`, `country`, `region`, `city`            |
+//! | `profile` | the user's history: `usual_region`, `located_events`, ...          |
+//! | `list`    | `list.NAME`: membership in a list; `list.allowlisted`              |
+//! | `param`   | `param.NAME`: the manifest's parameters                           |
+//!
+//! Hits: `block(code, message)`, `challenge(code, message)`, `flag(code, message)`
+//! (allow, but adds its score) and `notice(code, message)` (shadow note only),
+//! refined with `.ask("sms")` and `.score(30)`.
+//!
+//! Why custom types with getters and not object maps: a map per variable per
+//! request costs allocations and hashing before any rule runs; getters over one
+//! shared context cost nothing until a rule reads a value.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rhai::{Dynamic, Engine, ImmutableString, Scope, AST};
+
+use super::manifest::Limits;
+use super::Problem;
+use crate::decision::Action;
+use crate::geo::Location;
+use crate::model::Recharge;
+use crate::state::ProfileView;
+
+/// Names of the variables every rule sees, in scope order.
+pub const VARIABLES: [&str; 7] = [
+    "request", "account", "window", "geo", "profile", "list", "param",
+];
+
+/// Pack-wide names the scripts resolve: windows, lists, parameters.
+#[derive(Debug, Default)]
+pub struct Names {
+    pub windows: HashMap<String, usize>,
+    pub lists: HashMap<String, usize>,
+    pub params: HashMap<String, Dynamic>,
+}
+
+/// Everything the rules of one request may read. Built once per request and
+/// shared by every rule through the variables above.
+#[derive(Debug)]
+pub struct Ctx {
+    pub recharge: Recharge,
+    pub location: Option<Arc<Location>>,
+    /// One value per pack window, in pack order.
+    pub windows: Vec<i64>,
+    pub profile: ProfileView,
+    /// One flag per pack list, in pack order.
+    pub lists: Vec<bool>,
+    pub allowlisted: bool,
+    pub names: Arc<Names>,
+}
+
+macro_rules! view {
+    ($($name:ident),*) => {$(
+        #[derive(Debug, Clone)]
+        pub struct $name(Arc<Ctx>);
+    )*};
+}
+view!(RequestVar, AccountVar, WindowVar, GeoVar, ProfileVar, ListVar, ParamVar);
+
+/// What a rule reports.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub action: Action,
+    pub code: ImmutableString,
+    pub message: ImmutableString,
+    pub challenge: ImmutableString,
+    pub score: Option<i64>,
+    /// A notice: always a shadow note, whatever the rule's mode.
+    pub notice: bool,
+}
+
+fn hit(action: Action, code: ImmutableString, message: ImmutableString) -> Hit {
+    Hit {
+        action,
+        code,
+        message,
+        challenge: ImmutableString::new(),
+        score: None,
+        notice: false,
+    }
+}
+
+/// Builds the sandboxed engine: no modules, no `eval`, bounded work.
+pub fn engine(limits: &Limits) -> Engine {
+    let mut engine = Engine::new();
+    engine
+        .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new())
+        .set_strict_variables(true)
+        .set_max_operations(limits.max_operations)
+        .set_max_call_levels(limits.max_call_depth)
+        .set_max_expr_depths(64, 32)
+        .set_max_string_size(limits.max_string_size)
+        .set_max_array_size(limits.max_array_size)
+        .set_max_map_size(limits.max_array_size)
+        .set_max_variables(256)
+        .set_max_functions(64);
+    engine.disable_symbol("eval");
+    engine.on_print(|text| tracing::info!(target: "riskgate::rule", "{text}"));
+    engine.on_debug(|text, _, pos| tracing::debug!(target: "riskgate::rule", %pos, "{text}"));
+    register_api(&mut engine);
+    engine
+}
+
+fn register_api(engine: &mut Engine) {
+    engine
+        .register_type_with_name::<Hit>("Hit")
+        .register_fn("block", |c, m| hit(Action::Block, c, m))
+        .register_fn("challenge", |c, m| hit(Action::Challenge, c, m))
+        .register_fn("flag", |c, m| hit(Action::Allow, c, m))
+        .register_fn("notice", |c, m| Hit {
+            notice: true,
+            ..hit(Action::Allow, c, m)
+        })
+        .register_fn("ask", |h: Hit, kind: ImmutableString| Hit {
+            challenge: kind,
+            ..h
+        })
+        .register_fn("score", |h: Hit, score: i64| Hit {
+            score: Some(score),
+            ..h
+        })
+        .register_fn("yuan", |fen: i64| {
+            format!("{}.{:02}", fen / 100, (fen % 100).abs())
+        });
+
+    engine
+        .register_type_with_name::<RequestVar>("Request")
+        .register_get("id", |v: &mut RequestVar| v.0.recharge.request_id.clone())
+        .register_get("user_id", |v: &mut RequestVar| v.0.recharge.facts.user_id.clone())
+        .register_get("amount", |v: &mut RequestVar| v.0.recharge.facts.amount)
+        .register_get("currency", |v: &mut RequestVar| v.0.recharge.facts.currency.clone())
+        .register_get("channel", |v: &mut RequestVar| v.0.recharge.facts.channel.clone())
+        .register_get("product", |v: &mut RequestVar| v.0.recharge.facts.product.clone())
+        .register_get("target", |v: &mut RequestVar| v.0.recharge.facts.target.clone())
+        .register_get("ip", |v: &mut RequestVar| v.0.recharge.facts.ip_text.clone())
+        .register_get("device_id", |v: &mut RequestVar| v.0.recharge.facts.device_id.clone())
+        .register_get("timestamp_ms", |v: &mut RequestVar| v.0.recharge.facts.timestamp_ms)
+        .register_get("is_ipv6", |v: &mut RequestVar| v.0.recharge.ip.is_ipv6())
+        .register_fn("attr", |v: &mut RequestVar, key: &str| {
+            v.0.recharge.attributes.get(key).cloned().unwrap_or_default()
+        });
+
+    engine
+        .register_type_with_name::<AccountVar>("Account")
+        .register_get("real_name_verified", |v: &mut AccountVar| {
+            v.0.recharge.account.real_name_verified
+        })
+        .register_get("status", |v: &mut AccountVar| v.0.recharge.account.status.name())
+        .register_get("created_at_ms", |v: &mut AccountVar| v.0.recharge.account.created_at_ms)
+        .register_get("has_purchase_history", |v: &mut AccountVar| {
+            v.0.recharge.account.has_purchase_history
+        })
+        .register_get("age_days", |v: &mut AccountVar| {
+            let a = &v.0.recharge.account;
+            if a.created_at_ms <= 0 {
+                -1.0
+            } else {
+                (v.0.recharge.facts.timestamp_ms - a.created_at_ms).max(0) as f64 / 86_400_000.0
+            }
+        });
+
+    engine
+        .register_type_with_name::<WindowVar>("Windows")
+        .register_indexer_get(|v: &mut WindowVar, name: &str| -> Result<i64, Box<rhai::EvalAltResult>> {
+            match v.0.names.windows.get(name) {
+                Some(&i) => Ok(v.0.windows[i]),
+                None => Err(format!("unknown window `{name}`").into()),
+            }
+        });
+
+    engine
+        .register_type_with_name::<GeoVar>("Location")
+        .register_get("known", |v: &mut GeoVar| v.0.location.is_some())
+        .register_get("country", |v: &mut GeoVar| loc_text(v, |l| &l.country))
+        .register_get("region", |v: &mut GeoVar| loc_text(v, |l| &l.region))
+        .register_get("city", |v: &mut GeoVar| loc_text(v, |l| &l.city))
+        .register_get("latitude", |v: &mut GeoVar| v.0.location.as_ref().map_or(0.0, |l| l.latitude))
+        .register_get("longitude", |v: &mut GeoVar| {
+            v.0.location.as_ref().map_or(0.0, |l| l.longitude)
+        });
+
+    engine
+        .register_type_with_name::<ProfileVar>("Profile")
+        .register_get("located_events", |v: &mut ProfileVar| v.0.profile.located_events)
+        .register_get("usual_region", |v: &mut ProfileVar| v.0.profile.usual_region)
+        .register_get("usual_regions", |v: &mut ProfileVar| v.0.profile.usual_regions)
+        .register_get("last_login_new_region", |v: &mut ProfileVar| {
+            v.0.profile.last_login_new_region
+        })
+        .register_get("secs_since_login", |v: &mut ProfileVar| v.0.profile.secs_since_login)
+        .register_get("travel_km", |v: &mut ProfileVar| v.0.profile.travel_km)
+        .register_get("travel_kmh", |v: &mut ProfileVar| v.0.profile.travel_kmh);
+
+    engine
+        .register_type_with_name::<ListVar>("Lists")
+        .register_get("allowlisted", |v: &mut ListVar| v.0.allowlisted)
+        .register_indexer_get(|v: &mut ListVar, name: &str| -> Result<bool, Box<rhai::EvalAltResult>> {
+            match v.0.names.lists.get(name) {
+                Some(&i) => Ok(v.0.lists[i]),
+                None => Err(format!("unknown list `{name}`").into()),
+            }
+        });
+
+    engine
+        .register_type_with_name::<ParamVar>("Params")
+        .register_indexer_get(|v: &mut ParamVar, name: &str| -> Result<Dynamic, Box<rhai::EvalAltResult>> {
+            match v.0.names.params.get(name) {
+                Some(value) => Ok(value.clone()),
+                None => Err(format!("unknown parameter `{name}`").into()),
+            }
+        });
+}
+
+fn loc_text(v: &GeoVar, field: impl Fn(&Location) -> &String) -> String {
+    v.0.location.as_deref().map(field).cloned().unwrap_or_default()
+}
+
+/// A scope holding the rule variables, for compiling (strict variables) and
+/// for running (the real values).
+pub fn scope(ctx: Option<&Arc<Ctx>>) -> Scope<'static> {
+    let mut scope = Scope::new();
+    match ctx {
+        None => {
+            for name in VARIABLES {
+                scope.push_constant(name, ());
+            }
+        }
+        Some(ctx) => {
+            scope
+                .push_constant("request", RequestVar(ctx.clone()))
+                .push_constant("account", AccountVar(ctx.clone()))
+                .push_constant("window", WindowVar(ctx.clone()))
+                .push_constant("geo", GeoVar(ctx.clone()))
+                .push_constant("profile", ProfileVar(ctx.clone()))
+                .push_constant("list", ListVar(ctx.clone()))
+                .push_constant("param", ParamVar(ctx.clone()));
+        }
+    }
+    scope
+}
+
+/// Compiles one rule script; errors carry the script's file, line and column.
+pub fn compile(engine: &Engine, source: &str, file: &str) -> Result<AST, Problem> {
+    engine
+        .compile_with_scope(&scope(None), source)
+        .map_err(|e| {
+            let pos = e.position();
+            Problem::at(
+                file,
+                pos.line().unwrap_or(0),
+                pos.position().unwrap_or(0),
+                e.err_type().to_string(),
+            )
+        })
+}
+
+/// A name a script reads from `window`, `param` or `list`, with its position.
+#[derive(Debug, PartialEq)]
+pub struct NameUse {
+    pub namespace: &'static str,
+    pub name: String,
+    pub line: usize,
+    pub col: usize,
+}
+
+/// Finds every `window.X`, `param.X` and `list.X` in a script (skipping
+/// comments and string text, but reading `${...}` inside template strings), so
+/// the loader can reject unknown names with their position before the pack
+/// ever serves.
+pub fn name_uses(source: &str) -> Vec<NameUse> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum St {
+        Code,
+        Str(char),
+        Template,
+        LineComment,
+        BlockComment,
+    }
+    let chars: Vec<char> = source.chars().collect();
+    let mut out = Vec::new();
+    let mut stack = vec![St::Code];
+    let (mut line, mut col) = (1usize, 1usize);
+    let mut braces: Vec<usize> = Vec::new(); // brace depth where each `${` opened
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        let st = *stack.last().unwrap_or(&St::Code);
+        let mut advance = 1;
+        match st {
+            St::Code => {
+                if c == '/' && next == Some('/') {
+                    stack.push(St::LineComment);
+                } else if c == '/' && next == Some('*') {
+                    stack.push(St::BlockComment);
+                    advance = 2;
+                } else if c == '"' || c == '\'' {
+                    stack.push(St::Str(c));
+                } else if c == '`' {
+                    stack.push(St::Template);
+                } else if c == '{' {
+                    depth += 1;
+                } else if c == '}' {
+                    if braces.last() == Some(&depth) {
+                        braces.pop();
+                        stack.pop();
+                    } else {
+                        depth = depth.saturating_sub(1);
+                    }
+                } else if c.is_ascii_alphabetic()
+                    && (i == 0 || !is_ident(chars[i - 1]) && chars[i - 1] != '.')
+                {
+                    let start = i;
+                    let mut j = i;
+                    while j < chars.len() && is_ident(chars[j]) {
+                        j += 1;
+                    }
+                    let word: String = chars[start..j].iter().collect();
+                    if let Some(ns) = ["window", "param", "list"].into_iter().find(|n| *n == word) {
+                        if chars.get(j) == Some(&'.') {
+                            let mut k = j + 1;
+                            while k < chars.len() && is_ident(chars[k]) {
+                                k += 1;
+                            }
+                            let name: String = chars[j + 1..k].iter().collect();
+                            if !name.is_empty() {
+                                out.push(NameUse {
+                                    namespace: ns,
+                                    name,
+                                    line,
+                                    col: col + (j + 1 - start),
+                                });
+                            }
+                        }
+                    }
+                    advance = j - i;
+                }
+            }
+            St::Str(q) => {
+                if c == '\\' {
+                    advance = 2;
+                } else if c == q {
+                    stack.pop();
+                }
+            }
+            St::Template => {
+                if c == '\\' {
+                    advance = 2;
+                } else if c == '`' {
+                    stack.pop();
+                } else if c == '$' && next == Some('{') {
+                    depth += 1;
+                    braces.push(depth);
+                    stack.push(St::Code);
+                    advance = 2;
+                }
+            }
+            St::LineComment => {
+                if c == '\n' {
+                    stack.pop();
+                }
+            }
+            St::BlockComment => {
+                if c == '*' && next == Some('/') {
+                    stack.pop();
+                    advance = 2;
+                }
+            }
+        }
+        for k in i..(i + advance).min(chars.len()) {
+            if chars[k] == '\n' {
+                line += 1;
+                col = 1;
+            } else {
+                col += 1;
+            }
+        }
+        i += advance;
+    }
+    out
+}
+
+fn is_ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_names_in_code_and_templates_only() {
+        let src = "// window.not_me\nif window.a > param.b_1 {\n  block(\"X\", `saw ${window.c} \"list.no\"`)\n}\nlet s = \"param.no\"; list.d";
+        let found: Vec<(&str, String, usize, usize)> = name_uses(src)
+            .into_iter()
+            .map(|u| (u.namespace, u.name, u.line, u.col))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("window", "a".to_string(), 2, 11),
+                ("param", "b_1".to_string(), 2, 21),
+                ("window", "c".to_string(), 3, 28),
+                ("list", "d".to_string(), 5, 26),
+            ]
+        );
+    }
+
+    #[test]
+    fn compile_errors_carry_positions() {
+        let engine = engine(&Limits::default());
+        let err = compile(&engine, "let x = 1;\nif x > { }", "r.rhai").unwrap_err();
+        assert_eq!((err.file.as_str(), err.line), ("r.rhai", 2));
+        let err = compile(&engine, "if undefined_var > 1 { }", "r.rhai").unwrap_err();
+        assert!(err.message.contains("undefined_var"), "{}", err.message);
+    }
+}

@@ -1,0 +1,116 @@
+//! Wiring: a [`Config`] becomes an [`Engine`] with its store, pack and geo
+//! database, served until shutdown, with the background sweeper running.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError};
+use crate::engine::Engine;
+use crate::geo::{GeoDb, GeoError};
+use crate::pack::{LoadError, Pack};
+use crate::state::{MemoryStore, Store};
+
+/// The demo location data, built in so the server runs from any directory.
+pub const DEMO_GEO: &str = include_str!("../geo/demo.csv");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Pack(#[from] LoadError),
+    #[error(transparent)]
+    Geo(#[from] GeoError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Opens the configured geo database, or the demo data.
+pub fn open_geo(path: Option<&Path>) -> Result<GeoDb, GeoError> {
+    match path {
+        Some(p) => GeoDb::open(p),
+        None if Path::new("geo/demo.csv").is_file() => GeoDb::open(Path::new("geo/demo.csv")),
+        None => GeoDb::from_csv(DEMO_GEO, "geo/demo.csv (built in)"),
+    }
+}
+
+/// Builds the engine a config describes.
+pub fn build(config: &Config) -> Result<Engine, StartError> {
+    let pack = Pack::load(&config.rules)?;
+    let geo = open_geo(config.geo.as_deref())?;
+    let store = Store::Memory(Arc::new(MemoryStore::new(config.memory_limits()?)));
+    tracing::info!(
+        pack = %pack.dir.display(),
+        version = %pack.version,
+        rules = pack.rules.len(),
+        windows = pack.plan.windows.len(),
+        geo = %geo.describe(),
+        "rule pack loaded"
+    );
+    Ok(Engine::new(pack, store, geo))
+}
+
+/// Sweeps idle keys and expired records every `every`, until the engine goes.
+pub fn spawn_sweeper(engine: &Engine, every: Duration) -> tokio::task::JoinHandle<()> {
+    let engine = engine.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let span = engine.pack().plan.profile_span_ms;
+            let e = engine.clone();
+            // The sweep walks every key: keep it off the request workers.
+            let _ = tokio::task::spawn_blocking(move || e.store().expire(crate::now_ms(), span)).await;
+            tracing::debug!(stats = ?engine.store().stats(), "swept");
+        }
+    })
+}
+
+/// Runs the server until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let engine = build(&config)?;
+    let listener = crate::api::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    let sweeper = spawn_sweeper(&engine, Duration::from_millis(config.sweep_interval_ms()? as u64));
+    tracing::info!(%addr, "riskgate serving RiskEngine (health, reflection on)");
+    let served = crate::api::serve(engine, listener, shutdown).await;
+    sweeper.abort();
+    tracing::info!("riskgate stopped");
+    Ok(served?)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; finishing requests in flight");
+}

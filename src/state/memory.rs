@@ -1,0 +1,533 @@
+//! The embedded in-memory store (the default): dashmap shards, one lock per
+//! key per request, bounded by a cap on tracked keys.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+
+use super::profile::Profile;
+use super::window::{Distinct, Series, Shape};
+use super::{fnv1a, Aggregate, Begun, Conflict, Counts, Window, WindowPlan};
+use crate::decision::{Action, Decision};
+use crate::geo::Location;
+use crate::model::{Facts, Login, OutcomeKind, Recharge};
+
+/// Limits of the in-memory store.
+#[derive(Debug, Clone)]
+pub struct MemoryLimits {
+    /// Most window keys (and, separately, user profiles) held at once; past it
+    /// the least recently used are evicted.
+    pub max_tracked_keys: usize,
+    /// Most idempotency records held at once (least recently used evicted).
+    pub max_idempotency_records: usize,
+    /// How long a decision is remembered for replays and outcomes.
+    pub idempotency_ttl_ms: i64,
+}
+
+impl Default for MemoryLimits {
+    fn default() -> Self {
+        MemoryLimits {
+            max_tracked_keys: 2_000_000,
+            max_idempotency_records: 2_000_000,
+            idempotency_ttl_ms: 24 * 3_600_000,
+        }
+    }
+}
+
+/// A decided request, kept for replays and outcomes.
+#[derive(Debug)]
+pub struct Settled {
+    pub decision: Arc<Decision>,
+    pub facts: Facts,
+    pub location: Option<Arc<Location>>,
+}
+
+/// An idempotency record. The first caller for a request id decides and fills
+/// `settled`; concurrent retries of the same id wait on it instead of deciding
+/// again, so a retry storm can never double-count.
+#[derive(Debug)]
+pub struct IdemEntry {
+    pub fingerprint: u64,
+    pub created_ms: i64,
+    pub settled: tokio::sync::OnceCell<Settled>,
+    outcomes: AtomicU8,
+}
+
+impl IdemEntry {
+    /// Marks an outcome as applied; false when it already was.
+    pub fn mark_outcome(&self, kind: OutcomeKind) -> bool {
+        self.outcomes.fetch_or(kind.bit(), Ordering::AcqRel) & kind.bit() == 0
+    }
+}
+
+pub struct Claim {
+    pub entry: Arc<IdemEntry>,
+    /// The record was created by this claim.
+    pub fresh: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct StoreStats {
+    pub window_keys: usize,
+    pub profiles: usize,
+    pub idempotency_records: usize,
+    pub evicted: u64,
+}
+
+pub struct MemoryStore {
+    windows: Bounded<Slot>,
+    profiles: Bounded<Profile>,
+    requests: Bounded<Option<Arc<IdemEntry>>>,
+    limits: MemoryLimits,
+}
+
+/// All windows of one key.
+#[derive(Debug, Default)]
+struct Slot {
+    windows: Vec<(u64, Shape, Agg)>,
+}
+
+#[derive(Debug)]
+enum Agg {
+    Series(Series),
+    Distinct(Distinct),
+}
+
+impl Slot {
+    fn agg(&mut self, w: &Window) -> &mut Agg {
+        let at = match self.windows.iter().position(|(sig, _, _)| *sig == w.sig) {
+            Some(at) => at,
+            None => {
+                let agg = match w.aggregate {
+                    Aggregate::Distinct(_) => Agg::Distinct(Distinct::default()),
+                    _ => Agg::Series(Series::default()),
+                };
+                self.windows.push((w.sig, w.shape, agg));
+                self.windows.len() - 1
+            }
+        };
+        &mut self.windows[at].2
+    }
+
+    fn is_idle(&self, now_ms: i64) -> bool {
+        self.windows.iter().all(|(_, shape, agg)| match agg {
+            Agg::Series(s) => s.is_idle(*shape, now_ms),
+            Agg::Distinct(d) => d.is_idle(*shape, now_ms),
+        })
+    }
+}
+
+/// How one request touches one window.
+#[derive(Clone, Copy)]
+enum Touch {
+    /// Add to the window and read it back, in one step.
+    Record(i64),
+    /// Read, counting this request in without recording it (dry run).
+    Include(i64),
+    /// Read only.
+    Read,
+}
+
+impl MemoryStore {
+    pub fn new(limits: MemoryLimits) -> MemoryStore {
+        MemoryStore {
+            windows: Bounded::new(limits.max_tracked_keys),
+            profiles: Bounded::new(limits.max_tracked_keys),
+            requests: Bounded::new(limits.max_idempotency_records),
+            limits,
+        }
+    }
+
+    pub fn claim(&self, request_id: &str, fingerprint: u64) -> Result<Claim, Conflict> {
+        let now = crate::now_ms();
+        let mut fresh = false;
+        let entry = self.requests.update(request_id, |slot| {
+            slot.get_or_insert_with(|| {
+                fresh = true;
+                Arc::new(IdemEntry {
+                    fingerprint,
+                    created_ms: now,
+                    settled: tokio::sync::OnceCell::new(),
+                    outcomes: AtomicU8::new(0),
+                })
+            })
+            .clone()
+        });
+        if entry.fingerprint != fingerprint {
+            return Err(Conflict(request_id.to_string()));
+        }
+        Ok(Claim { entry, fresh })
+    }
+
+    pub fn find(&self, request_id: &str) -> Option<Arc<IdemEntry>> {
+        self.requests.read(request_id, |slot| slot.and_then(|s| s.clone()))
+    }
+
+    pub fn begin(
+        &self,
+        plan: &WindowPlan,
+        recharge: &Recharge,
+        location: Option<&Location>,
+        record: bool,
+    ) -> Begun {
+        let facts = &recharge.facts;
+        let mut values = vec![0i64; plan.windows.len()];
+        self.touch_windows(plan, facts, &mut values, |w| {
+            if !matches!(w.counts, Counts::Attempts | Counts::Allowed) || facts.amount < w.min_amount {
+                Touch::Read
+            } else if record {
+                Touch::Record(delta(w, facts))
+            } else {
+                Touch::Include(delta(w, facts))
+            }
+        });
+        let ts = facts.timestamp_ms;
+        let profile = self.profiles.read(&facts.user_id, |p| {
+            p.map(|p| p.view(ts, plan.profile_span_ms, location))
+                .unwrap_or_else(|| Profile::default().view(ts, plan.profile_span_ms, location))
+        });
+        Begun {
+            windows: values,
+            profile,
+        }
+    }
+
+    pub fn settle(&self, plan: &WindowPlan, facts: &Facts, action: Action, location: Option<&Location>) {
+        if action == Action::Block {
+            self.release(plan, facts);
+        }
+        if let Some(loc) = location {
+            let ts = facts.timestamp_ms;
+            self.profiles.update(&facts.user_id, |p| {
+                p.saw(ts, loc);
+                if action == Action::Allow {
+                    p.learn(ts, loc);
+                }
+            });
+        }
+    }
+
+    pub fn record_login(&self, plan: &WindowPlan, login: &Login, location: Option<&Location>) {
+        let want = if login.succeeded {
+            Counts::LoginSucceeded
+        } else {
+            Counts::LoginFailed
+        };
+        let facts = login.facts();
+        let mut values = vec![0i64; plan.windows.len()];
+        self.touch_windows(plan, &facts, &mut values, |w| {
+            if w.counts == want {
+                Touch::Record(delta(w, &facts))
+            } else {
+                Touch::Read
+            }
+        });
+        if login.succeeded {
+            let (ts, span) = (login.timestamp_ms, plan.profile_span_ms);
+            self.profiles
+                .update(&login.user_id, |p| p.login(ts, span, location));
+        } else if let Some(loc) = location {
+            self.profiles
+                .update(&login.user_id, |p| p.saw(login.timestamp_ms, loc));
+        }
+    }
+
+    pub fn apply_outcome(&self, plan: &WindowPlan, settled: &Settled, kind: OutcomeKind, ts_ms: i64) {
+        let facts = &settled.facts;
+        let decided = settled.decision.action;
+        let release = match kind {
+            OutcomeKind::Failed => decided != Action::Block,
+            OutcomeKind::ChallengeFailed => decided == Action::Challenge,
+            _ => false,
+        };
+        if release {
+            self.release(plan, facts);
+        }
+        if let Some(want) = Counts::of_outcome(kind) {
+            let at = Facts {
+                timestamp_ms: ts_ms,
+                ..facts.clone()
+            };
+            let mut values = vec![0i64; plan.windows.len()];
+            self.touch_windows(plan, &at, &mut values, |w| {
+                if w.counts == want && facts.amount >= w.min_amount {
+                    Touch::Record(delta(w, &at))
+                } else {
+                    Touch::Read
+                }
+            });
+        }
+        if kind == OutcomeKind::ChallengePassed {
+            if let Some(loc) = settled.location.as_deref() {
+                self.profiles
+                    .update(&facts.user_id, |p| p.learn(facts.timestamp_ms, loc));
+            }
+        }
+    }
+
+    /// Takes a request's reservation back out of every `allowed` window.
+    fn release(&self, plan: &WindowPlan, facts: &Facts) {
+        let mut key = String::new();
+        for group in &plan.groups {
+            let releasing = group.windows.iter().any(|&i| {
+                let w = &plan.windows[i];
+                w.counts == Counts::Allowed && !matches!(w.aggregate, Aggregate::Distinct(_))
+            });
+            if !releasing || !group_key(group, facts, &mut key) {
+                continue;
+            }
+            self.windows.read_mut(&key, |slot| {
+                let Some(slot) = slot else { return };
+                for &i in &group.windows {
+                    let w = &plan.windows[i];
+                    if w.counts != Counts::Allowed || facts.amount < w.min_amount {
+                        continue;
+                    }
+                    if let Agg::Series(s) = slot.agg(w) {
+                        s.remove(w.shape, facts.timestamp_ms, delta(w, facts));
+                    }
+                }
+            });
+        }
+    }
+
+    /// Visits every key group of the plan: one lock per key, during which each
+    /// window of the key is recorded and/or read as `how` says.
+    fn touch_windows(
+        &self,
+        plan: &WindowPlan,
+        facts: &Facts,
+        values: &mut [i64],
+        how: impl Fn(&Window) -> Touch,
+    ) {
+        let mut key = String::with_capacity(64);
+        let ts = facts.timestamp_ms;
+        for group in &plan.groups {
+            if !group_key(group, facts, &mut key) {
+                continue;
+            }
+            let records = group
+                .windows
+                .iter()
+                .any(|&i| matches!(how(&plan.windows[i]), Touch::Record(_)));
+            let visit = |slot: &mut Slot, values: &mut [i64]| {
+                for &i in &group.windows {
+                    let w = &plan.windows[i];
+                    values[i] = match (slot.agg(w), how(w)) {
+                        (Agg::Series(s), Touch::Record(d)) => s.add(w.shape, ts, d),
+                        (Agg::Series(s), Touch::Include(d)) => s.value(w.shape, ts) + d,
+                        (Agg::Series(s), Touch::Read) => s.value(w.shape, ts),
+                        (Agg::Distinct(s), Touch::Record(d)) => s.add(w.shape, ts, d as u64),
+                        (Agg::Distinct(s), Touch::Include(d)) => {
+                            s.value_with(w.shape, ts, Some(d as u64))
+                        }
+                        (Agg::Distinct(s), Touch::Read) => s.value(w.shape, ts),
+                    };
+                }
+            };
+            if records {
+                self.windows.update(&key, |slot| visit(slot, values));
+            } else {
+                self.windows.read_mut(&key, |slot| match slot {
+                    Some(slot) => visit(slot, values),
+                    None => {
+                        // Nothing stored: only an included request counts.
+                        for &i in &group.windows {
+                            let w = &plan.windows[i];
+                            values[i] = match how(w) {
+                                Touch::Include(_) if matches!(w.aggregate, Aggregate::Distinct(_)) => 1,
+                                Touch::Include(d) => d,
+                                _ => 0,
+                            };
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Drops idle keys and expired idempotency records. Run periodically.
+    pub fn expire(&self, now_ms: i64, profile_span_ms: i64) {
+        self.windows.retain(|slot| !slot.is_idle(now_ms));
+        self.profiles.retain(|p| !p.is_idle(now_ms, profile_span_ms));
+        let ttl = self.limits.idempotency_ttl_ms;
+        self.requests
+            .retain(|e| e.as_ref().is_some_and(|e| e.created_ms + ttl > now_ms));
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            window_keys: self.windows.len(),
+            profiles: self.profiles.len(),
+            idempotency_records: self.requests.len(),
+            evicted: self.windows.evicted() + self.profiles.evicted() + self.requests.evicted(),
+        }
+    }
+}
+
+/// What one request adds to a window: 1 for counts, the amount for sums, the
+/// hash of the field for distinct counts.
+fn delta(w: &Window, facts: &Facts) -> i64 {
+    match w.aggregate {
+        Aggregate::Count => 1,
+        Aggregate::Sum => facts.amount,
+        Aggregate::Distinct(field) => {
+            let mut text = String::new();
+            facts.write(field, &mut text);
+            fnv1a(&[text.as_bytes()]) as i64
+        }
+    }
+}
+
+/// Builds a group's key ("user_id\x1fu1") into `key`; false when a field of the
+/// key is empty, and the group does not apply.
+fn group_key(group: &super::KeyGroup, facts: &Facts, key: &mut String) -> bool {
+    key.clear();
+    key.push_str(&group.prefix);
+    for &field in &group.fields {
+        key.push('\x1f');
+        if !facts.write(field, key) {
+            return false;
+        }
+    }
+    true
+}
+
+/// A dashmap with a cap on entries, evicting the least recently used.
+///
+/// Recency is a global counter stamped on every touch. When an insert takes
+/// the map over its cap, the inserting thread evicts the oldest tenth. It
+/// takes a std `Mutex` for that (never held across an await, and uncontended
+/// unless a flood of new keys is under way), so that the cap holds strictly:
+/// a thread that finds the map over its cap waits for the sweep in progress
+/// and checks again.
+struct Bounded<V> {
+    map: DashMap<Box<str>, Stamped<V>>,
+    len: AtomicUsize,
+    cap: usize,
+    clock: AtomicU64,
+    evicted: AtomicU64,
+    sweeping: Mutex<()>,
+}
+
+struct Stamped<V> {
+    touched: u64,
+    value: V,
+}
+
+impl<V: Default> Bounded<V> {
+    fn new(cap: usize) -> Bounded<V> {
+        Bounded {
+            map: DashMap::new(),
+            len: AtomicUsize::new(0),
+            cap: cap.max(1),
+            clock: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            sweeping: Mutex::new(()),
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the entry for `key`, creating it when absent.
+    fn update<R>(&self, key: &str, f: impl FnOnce(&mut V) -> R) -> R {
+        let now = self.tick();
+        if let Some(mut e) = self.map.get_mut(key) {
+            e.touched = now;
+            return f(&mut e.value);
+        }
+        let mut inserted = false;
+        let out = {
+            let mut e = self.map.entry(Box::from(key)).or_insert_with(|| {
+                inserted = true;
+                Stamped {
+                    touched: now,
+                    value: V::default(),
+                }
+            });
+            e.touched = now;
+            f(&mut e.value)
+        };
+        if inserted && self.len.fetch_add(1, Ordering::AcqRel) + 1 > self.cap {
+            self.evict();
+        }
+        out
+    }
+
+    /// Runs `f` on the entry for `key` if there is one; creates nothing.
+    fn read_mut<R>(&self, key: &str, f: impl FnOnce(Option<&mut V>) -> R) -> R {
+        match self.map.get_mut(key) {
+            Some(mut e) => f(Some(&mut e.value)),
+            None => f(None),
+        }
+    }
+
+    fn read<R>(&self, key: &str, f: impl FnOnce(Option<&V>) -> R) -> R {
+        match self.map.get(key) {
+            Some(e) => f(Some(&e.value)),
+            None => f(None),
+        }
+    }
+
+    fn evict(&self) {
+        let _sweep = self.sweeping.lock().unwrap_or_else(|e| e.into_inner());
+        let len = self.len.load(Ordering::Acquire);
+        if len <= self.cap {
+            return;
+        }
+        let keep = self.cap - self.cap / 10;
+        let mut stamps: Vec<u64> = self.map.iter().map(|e| e.touched).collect();
+        let drop = stamps.len().saturating_sub(keep);
+        if drop == 0 {
+            return;
+        }
+        let (_, threshold, _) = stamps.select_nth_unstable(drop - 1);
+        let threshold = *threshold;
+        self.remove_where(|e| e.touched <= threshold);
+    }
+
+    fn retain(&self, keep: impl Fn(&V) -> bool) {
+        self.remove_where(|e| !keep(&e.value));
+    }
+
+    fn remove_where(&self, remove: impl Fn(&Stamped<V>) -> bool) {
+        let mut removed = 0usize;
+        self.map.retain(|_, e| {
+            let gone = remove(e);
+            removed += usize::from(gone);
+            !gone
+        });
+        self.len.fetch_sub(removed, Ordering::AcqRel);
+        self.evicted.fetch_add(removed as u64, Ordering::Relaxed);
+    }
+
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_holds_and_recent_keys_survive() {
+        let map: Bounded<u32> = Bounded::new(100);
+        map.update("hot", |v| *v += 1);
+        for i in 0..1000 {
+            map.update(&format!("k{i}"), |v| *v += 1);
+            map.update("hot", |v| *v += 1);
+            assert!(map.len() <= 100);
+        }
+        assert!(map.map.len() <= 100);
+        assert_eq!(map.read("hot", |v| v.copied()), Some(1001));
+        assert!(map.evicted() >= 900);
+    }
+}

@@ -1,0 +1,174 @@
+//! Per-user profiles: where a user usually is, and where they were last.
+//!
+//! Learned from located events: successful logins and allowed recharges (and
+//! challenges the user passed). Bounded: the most recent [`RECENT`] located
+//! events are kept, which is all the usual-region question needs.
+
+use std::collections::VecDeque;
+
+use crate::geo::{distance_km, Location};
+
+/// Located events remembered per user.
+pub const RECENT: usize = 32;
+
+/// What rules see of a profile, as of one request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProfileView {
+    /// Located events within the profile span (before this request).
+    pub located_events: i64,
+    /// The request's region is among them. False when the IP is not located.
+    pub usual_region: bool,
+    /// Distinct regions among them.
+    pub usual_regions: i64,
+    /// The last successful login came from a region that was new for the user.
+    pub last_login_new_region: bool,
+    /// Seconds since the last successful login; -1 when none is known.
+    pub secs_since_login: i64,
+    /// Distance from the last located event; 0 when either end is unknown.
+    pub travel_km: f64,
+    /// Speed needed to cover that distance (time floored at one minute).
+    pub travel_kmh: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Point {
+    ts_ms: i64,
+    lat: f64,
+    lon: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    /// (event time, region key), oldest first.
+    recent: VecDeque<(i64, u64)>,
+    last_point: Option<Point>,
+    /// (time, was the region new) of the last successful login.
+    last_login: Option<(i64, bool)>,
+}
+
+impl Profile {
+    pub fn view(&self, ts_ms: i64, span_ms: i64, loc: Option<&Location>) -> ProfileView {
+        let from = ts_ms - span_ms;
+        let live = || self.recent.iter().filter(|(t, _)| *t >= from && *t <= ts_ms);
+        let mut regions: Vec<u64> = live().map(|(_, r)| *r).collect();
+        regions.sort_unstable();
+        regions.dedup();
+        let (travel_km, travel_kmh) = match (self.last_point, loc) {
+            (Some(p), Some(l)) if ts_ms >= p.ts_ms => {
+                let km = distance_km(p.lat, p.lon, l.latitude, l.longitude);
+                let hours = ((ts_ms - p.ts_ms) as f64 / 3_600_000.0).max(1.0 / 60.0);
+                (km, km / hours)
+            }
+            _ => (0.0, 0.0),
+        };
+        ProfileView {
+            located_events: live().count() as i64,
+            usual_region: loc.is_some_and(|l| regions.binary_search(&l.region_key).is_ok()),
+            usual_regions: regions.len() as i64,
+            last_login_new_region: self.last_login.is_some_and(|(_, new)| new),
+            secs_since_login: self
+                .last_login
+                .map_or(-1, |(t, _)| ((ts_ms - t).max(0)) / 1000),
+            travel_km,
+            travel_kmh,
+        }
+    }
+
+    /// Remembers a located event as usual for the user.
+    pub fn learn(&mut self, ts_ms: i64, loc: &Location) {
+        if self.recent.len() >= RECENT {
+            self.recent.pop_front();
+        }
+        let at = self.recent.partition_point(|(t, _)| *t <= ts_ms);
+        self.recent.insert(at, (ts_ms, loc.region_key));
+    }
+
+    /// Remembers where the user was last seen (any located event).
+    pub fn saw(&mut self, ts_ms: i64, loc: &Location) {
+        if self.last_point.is_none_or(|p| p.ts_ms <= ts_ms) {
+            self.last_point = Some(Point {
+                ts_ms,
+                lat: loc.latitude,
+                lon: loc.longitude,
+            });
+        }
+    }
+
+    /// A successful login: marks whether its region was new, then learns it.
+    pub fn login(&mut self, ts_ms: i64, span_ms: i64, loc: Option<&Location>) {
+        let view = self.view(ts_ms, span_ms, loc);
+        let new_region = loc.is_some() && view.located_events > 0 && !view.usual_region;
+        if self.last_login.is_none_or(|(t, _)| t <= ts_ms) {
+            self.last_login = Some((ts_ms, new_region));
+        }
+        if let Some(l) = loc {
+            self.learn(ts_ms, l);
+            self.saw(ts_ms, l);
+        }
+    }
+
+    pub fn is_idle(&self, now_ms: i64, span_ms: i64) -> bool {
+        let newest = self
+            .recent
+            .back()
+            .map(|(t, _)| *t)
+            .into_iter()
+            .chain(self.last_point.map(|p| p.ts_ms))
+            .chain(self.last_login.map(|(t, _)| t))
+            .max();
+        newest.is_none_or(|t| t < now_ms - span_ms)
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        self.recent.capacity() * std::mem::size_of::<(i64, u64)>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400_000;
+
+    fn loc(region: &str, lat: f64, lon: f64) -> Location {
+        Location::new("CN".into(), region.into(), region.into(), lat, lon)
+    }
+
+    #[test]
+    fn usual_regions_come_from_recent_history() {
+        let beijing = loc("Beijing", 39.9, 116.4);
+        let chengdu = loc("Sichuan", 30.7, 104.1);
+        let mut p = Profile::default();
+        for d in 0..3 {
+            p.learn(d * DAY, &beijing);
+        }
+        let v = p.view(3 * DAY, 30 * DAY, Some(&chengdu));
+        assert_eq!((v.located_events, v.usual_region, v.usual_regions), (3, false, 1));
+        assert!(p.view(3 * DAY, 30 * DAY, Some(&beijing)).usual_region);
+        // Forty days on, the history has aged out.
+        assert_eq!(p.view(40 * DAY, 30 * DAY, Some(&beijing)).located_events, 0);
+    }
+
+    #[test]
+    fn travel_speed_between_points() {
+        let mut p = Profile::default();
+        p.saw(0, &loc("Beijing", 39.9042, 116.4074));
+        // Shanghai an hour later: about 1,070 km/h, faster than any train.
+        let v = p.view(3_600_000, 30 * DAY, Some(&loc("Shanghai", 31.2304, 121.4737)));
+        assert!((v.travel_kmh - 1067.0).abs() < 30.0, "{v:?}");
+    }
+
+    #[test]
+    fn login_from_new_region_is_marked() {
+        let beijing = loc("Beijing", 39.9, 116.4);
+        let harbin = loc("Heilongjiang", 45.8, 126.5);
+        let mut p = Profile::default();
+        p.login(0, 30 * DAY, Some(&beijing));
+        // The very first login has no history to be new against.
+        assert!(!p.view(1000, 30 * DAY, None).last_login_new_region);
+        p.login(60_000, 30 * DAY, Some(&harbin));
+        let v = p.view(120_000, 30 * DAY, Some(&harbin));
+        assert!(v.last_login_new_region);
+        assert_eq!(v.secs_since_login, 60);
+    }
+}
