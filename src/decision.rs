@@ -87,7 +87,7 @@ pub fn combine(
     if let Some(l) = leniency {
         let lenient = amount < l.below_amount
             && !reasons.is_empty()
-            && reasons.iter().all(|r| l.demote.iter().any(|c| *c == r.code));
+            && reasons.iter().all(|r| l.demote.contains(&r.code));
         if lenient {
             shadow_reasons.append(&mut reasons);
         }
@@ -157,7 +157,15 @@ mod tests {
     }
 
     fn decide(reasons: Vec<Reason>, policy: &Policy, leniency: Option<&Leniency>) -> Decision {
-        combine("r".into(), 1000, reasons, vec![], policy, leniency, Arc::from("v"))
+        combine(
+            "r".into(),
+            1000,
+            reasons,
+            vec![],
+            policy,
+            leniency,
+            Arc::from("v"),
+        )
     }
 
     #[test]
@@ -180,7 +188,11 @@ mod tests {
 
     #[test]
     fn challenge_kind_comes_from_the_strongest_challenge() {
-        let d = decide(vec![reason("A", Action::Challenge, 10)], &Policy::default(), None);
+        let d = decide(
+            vec![reason("A", Action::Challenge, 10)],
+            &Policy::default(),
+            None,
+        );
         assert_eq!((d.action, d.challenge.as_str()), (Action::Challenge, "sms"));
     }
 
@@ -196,7 +208,10 @@ mod tests {
         assert_eq!(d.challenge, "captcha");
         assert_eq!(d.reasons[0].code, SCORE_THRESHOLD);
         let d = decide(
-            vec![reason("A", Action::Allow, 25), reason("B", Action::Challenge, 25)],
+            vec![
+                reason("A", Action::Allow, 25),
+                reason("B", Action::Challenge, 25),
+            ],
             &policy,
             None,
         );
@@ -211,11 +226,18 @@ mod tests {
             below_amount: 5000,
             demote: vec!["LOC".into()],
         };
-        let d = decide(vec![reason("LOC", Action::Challenge, 10)], &Policy::default(), Some(&l));
+        let d = decide(
+            vec![reason("LOC", Action::Challenge, 10)],
+            &Policy::default(),
+            Some(&l),
+        );
         assert_eq!(d.action, Action::Allow);
         assert_eq!(d.shadow_reasons.len(), 1);
         let d = decide(
-            vec![reason("LOC", Action::Challenge, 10), reason("X", Action::Challenge, 1)],
+            vec![
+                reason("LOC", Action::Challenge, 10),
+                reason("X", Action::Challenge, 1),
+            ],
             &Policy::default(),
             Some(&l),
         );

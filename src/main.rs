@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use riskgate::config::Config;
 
 #[derive(Parser)]
-#[command(name = "riskgate", version, about = "Real-time risk control for recharge platforms")]
+#[command(
+    name = "riskgate",
+    version,
+    about = "Real-time risk control for recharge platforms"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,8 +46,7 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -72,7 +75,10 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
             };
-            match runtime.block_on(riskgate::server::run(cfg, riskgate::server::shutdown_signal())) {
+            match runtime.block_on(riskgate::server::run(
+                cfg,
+                riskgate::server::shutdown_signal(),
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }

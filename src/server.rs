@@ -68,7 +68,8 @@ pub fn spawn_sweeper(engine: &Engine, every: Duration) -> tokio::task::JoinHandl
             let span = engine.pack().plan.profile_span_ms;
             let e = engine.clone();
             // The sweep walks every key: keep it off the request workers.
-            let _ = tokio::task::spawn_blocking(move || e.store().expire(crate::now_ms(), span)).await;
+            let _ =
+                tokio::task::spawn_blocking(move || e.store().expire(crate::now_ms(), span)).await;
             tracing::debug!(stats = ?engine.store().stats(), "swept");
         }
     })
@@ -84,7 +85,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(config.listen);
-    let sweeper = spawn_sweeper(&engine, Duration::from_millis(config.sweep_interval_ms()? as u64));
+    let sweeper = spawn_sweeper(
+        &engine,
+        Duration::from_millis(config.sweep_interval_ms()? as u64),
+    );
     tracing::info!(%addr, "riskgate serving RiskEngine (health, reflection on)");
     let served = crate::api::serve(engine, listener, shutdown).await;
     sweeper.abort();

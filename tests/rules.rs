@@ -10,7 +10,9 @@ async fn burst_blocks_the_fifth_large_order_in_ten_minutes() {
     let mut s = start().await;
     let t = t0();
     for i in 0..4 {
-        let d = s.eval(recharge(&format!("b{i}"), "u1", 500, t + i * MIN)).await;
+        let d = s
+            .eval(recharge(&format!("b{i}"), "u1", 500, t + i * MIN))
+            .await;
         assert_decision(&d, Action::Allow, None);
     }
     let d = s.eval(recharge("b4", "u1", 500, t + 4 * MIN)).await;
@@ -25,12 +27,16 @@ async fn burst_ignores_small_orders_and_old_ones() {
     let t = t0();
     // Five orders just under the large threshold.
     for i in 0..5 {
-        let d = s.eval(recharge(&format!("s{i}"), "u1", 499, t + i * MIN)).await;
+        let d = s
+            .eval(recharge(&format!("s{i}"), "u1", 499, t + i * MIN))
+            .await;
         assert_decision(&d, Action::Allow, None);
     }
     // Four large orders, then a fifth after the first left the window.
     for i in 0..4 {
-        let d = s.eval(recharge(&format!("l{i}"), "u2", 600, t + i * 3 * MIN)).await;
+        let d = s
+            .eval(recharge(&format!("l{i}"), "u2", 600, t + i * 3 * MIN))
+            .await;
         assert_decision(&d, Action::Allow, None);
     }
     let d = s.eval(recharge("l4", "u2", 600, t + 11 * MIN)).await;
@@ -58,7 +64,9 @@ async fn many_recharges_from_one_device_are_challenged() {
     let mut s = start().await;
     let t = t0();
     for i in 0..20 {
-        let d = s.eval(recharge(&format!("r{i}"), "u1", 10, t + i * 1000)).await;
+        let d = s
+            .eval(recharge(&format!("r{i}"), "u1", 10, t + i * 1000))
+            .await;
         assert_decision(&d, Action::Allow, None);
     }
     let d = s.eval(recharge("r20", "u1", 10, t + 21_000)).await;
@@ -71,7 +79,14 @@ async fn one_campus_address_takes_hundreds_of_users_then_challenges() {
     let t = t0();
     // 300 students behind one NAT address, each with a device of their own.
     for i in 0..300 {
-        let d = s.eval(recharge(&format!("c{i}"), &format!("stu{i}"), 30, t + i * 100)).await;
+        let d = s
+            .eval(recharge(
+                &format!("c{i}"),
+                &format!("stu{i}"),
+                30,
+                t + i * 100,
+            ))
+            .await;
         assert_decision(&d, Action::Allow, None);
     }
     let d = s.eval(recharge("c300", "stu300", 30, t + 30_100)).await;
@@ -81,7 +96,9 @@ async fn one_campus_address_takes_hundreds_of_users_then_challenges() {
 /// Three allowed recharges from Beijing make Beijing the usual region.
 async fn settle_in_beijing(s: &mut TestServer, user: &str, t: i64) {
     for i in 0..3 {
-        let d = s.eval(recharge(&format!("{user}-home{i}"), user, 60, t + i * HOUR)).await;
+        let d = s
+            .eval(recharge(&format!("{user}-home{i}"), user, 60, t + i * HOUR))
+            .await;
         assert_decision(&d, Action::Allow, None);
     }
 }
@@ -110,7 +127,8 @@ async fn unusual_region_needs_history_and_a_known_location() {
     let t = t0() - 20 * HOUR;
     // Only two located events: not enough history to judge.
     for i in 0..2 {
-        s.eval(recharge(&format!("h{i}"), "u1", 60, t + i * HOUR)).await;
+        s.eval(recharge(&format!("h{i}"), "u1", 60, t + i * HOUR))
+            .await;
     }
     let mut r = recharge("away", "u1", 80, t + 10 * HOUR);
     r.ip = CHENGDU.into();
@@ -139,7 +157,8 @@ async fn login_from_a_new_region_then_a_quick_recharge() {
     let mut s = start().await;
     let t = t0() - 20 * HOUR;
     settle_in_beijing(&mut s, "u1", t).await;
-    s.login(login("l1", "u1", true, HARBIN, t + 10 * HOUR)).await;
+    s.login(login("l1", "u1", true, HARBIN, t + 10 * HOUR))
+        .await;
     // Five minutes later, from the new place: challenged.
     let mut r = recharge("soon", "u1", 100, t + 10 * HOUR + 5 * MIN);
     r.ip = HARBIN.into();
@@ -157,13 +176,15 @@ async fn new_region_login_does_not_matter_after_ten_minutes_or_at_home() {
     let mut s = start().await;
     let t = t0() - 20 * HOUR;
     settle_in_beijing(&mut s, "u1", t).await;
-    s.login(login("l1", "u1", true, HARBIN, t + 10 * HOUR)).await;
+    s.login(login("l1", "u1", true, HARBIN, t + 10 * HOUR))
+        .await;
     let mut r = recharge("later", "u1", 100, t + 10 * HOUR + 11 * MIN);
     r.ip = HARBIN.into();
     assert_decision(&s.eval(r).await, Action::Allow, None);
     // A login from the usual region is not new.
     settle_in_beijing(&mut s, "u2", t).await;
-    s.login(login("l2", "u2", true, BEIJING, t + 10 * HOUR)).await;
+    s.login(login("l2", "u2", true, BEIJING, t + 10 * HOUR))
+        .await;
     let r = recharge("u2-soon", "u2", 100, t + 10 * HOUR + MIN);
     assert_decision(&s.eval(r).await, Action::Allow, None);
 }
@@ -208,14 +229,26 @@ async fn large_single_recharge_needs_real_name() {
 async fn daily_cumulative_needs_real_name_or_an_sms() {
     let mut s = start().await;
     let t = t0();
-    assert_decision(&s.eval(unverified(recharge("a1", "u1", 3000, t))).await, Action::Allow, None);
-    let d = s.eval(unverified(recharge("a2", "u1", 2500, t + HOUR))).await;
+    assert_decision(
+        &s.eval(unverified(recharge("a1", "u1", 3000, t))).await,
+        Action::Allow,
+        None,
+    );
+    let d = s
+        .eval(unverified(recharge("a2", "u1", 2500, t + HOUR)))
+        .await;
     assert_decision(&d, Action::Block, Some("REAL_NAME_REQUIRED"));
     // The blocked 2,500 was released: 3,000 + 1,500 is under the limit.
-    let d = s.eval(unverified(recharge("a3", "u1", 1500, t + 2 * HOUR))).await;
+    let d = s
+        .eval(unverified(recharge("a3", "u1", 1500, t + 2 * HOUR)))
+        .await;
     assert_decision(&d, Action::Allow, None);
     // A verified account over the daily limit confirms by SMS.
-    assert_decision(&s.eval(recharge("v1", "u2", 3000, t)).await, Action::Allow, None);
+    assert_decision(
+        &s.eval(recharge("v1", "u2", 3000, t)).await,
+        Action::Allow,
+        None,
+    );
     let d = s.eval(recharge("v2", "u2", 2500, t + HOUR)).await;
     assert_decision(&d, Action::Challenge, Some("DAILY_LIMIT_SMS"));
     assert_eq!(d.challenge, "sms");
@@ -225,14 +258,22 @@ async fn daily_cumulative_needs_real_name_or_an_sms() {
 async fn failed_charges_leave_the_daily_sum() {
     let mut s = start().await;
     let t = t0();
-    assert_decision(&s.eval(unverified(recharge("f1", "u1", 3000, t))).await, Action::Allow, None);
+    assert_decision(
+        &s.eval(unverified(recharge("f1", "u1", 3000, t))).await,
+        Action::Allow,
+        None,
+    );
     assert!(!s.outcome("f1", OutcomeKind::Failed).await);
     // The failed 3,000 no longer counts: 2,500 passes.
-    let d = s.eval(unverified(recharge("f2", "u1", 2500, t + HOUR))).await;
+    let d = s
+        .eval(unverified(recharge("f2", "u1", 2500, t + HOUR)))
+        .await;
     assert_decision(&d, Action::Allow, None);
     // Reporting the failure again changes nothing.
     assert!(s.outcome("f1", OutcomeKind::Failed).await);
-    let d = s.eval(unverified(recharge("f3", "u1", 2600, t + 2 * HOUR))).await;
+    let d = s
+        .eval(unverified(recharge("f3", "u1", 2600, t + 2 * HOUR)))
+        .await;
     assert_decision(&d, Action::Block, Some("REAL_NAME_REQUIRED"));
 }
 
@@ -272,8 +313,16 @@ async fn new_accounts_without_purchases_are_challenged_above_a_small_amount() {
     let d = s.eval(fresh("n1", "u1", 200, false)).await;
     assert_decision(&d, Action::Challenge, Some("NEW_ACCOUNT"));
     assert_eq!(d.challenge, "sms");
-    assert_decision(&s.eval(fresh("n2", "u2", 100, false)).await, Action::Allow, None);
-    assert_decision(&s.eval(fresh("n3", "u3", 200, true)).await, Action::Allow, None);
+    assert_decision(
+        &s.eval(fresh("n2", "u2", 100, false)).await,
+        Action::Allow,
+        None,
+    );
+    assert_decision(
+        &s.eval(fresh("n3", "u3", 200, true)).await,
+        Action::Allow,
+        None,
+    );
     let mut old = fresh("n4", "u4", 200, false);
     old.account.as_mut().unwrap().created_at_ms = t - 8 * DAY;
     assert_decision(&s.eval(old).await, Action::Allow, None);
@@ -309,11 +358,13 @@ async fn five_wrong_passwords_challenge_the_next_recharge() {
     let mut s = start().await;
     let t = t0();
     for i in 0..4 {
-        s.login(login(&format!("f{i}"), "u1", false, BEIJING, t + i * MIN)).await;
+        s.login(login(&format!("f{i}"), "u1", false, BEIJING, t + i * MIN))
+            .await;
     }
     let d = s.eval(recharge("r1", "u1", 50, t + 5 * MIN)).await;
     assert_decision(&d, Action::Allow, None);
-    s.login(login("f4", "u1", false, BEIJING, t + 6 * MIN)).await;
+    s.login(login("f4", "u1", false, BEIJING, t + 6 * MIN))
+        .await;
     let d = s.eval(recharge("r2", "u1", 50, t + 7 * MIN)).await;
     assert_decision(&d, Action::Challenge, Some("PASSWORD_FAILURES"));
     // A retried event id does not count twice.
@@ -347,7 +398,9 @@ async fn allow_listed_users_skip_soft_rules_but_not_hard_ones() {
     let mut s = start().await;
     let t = t0();
     for i in 0..6 {
-        let d = s.eval(recharge(&format!("v{i}"), "vip-0001", 600, t + i * MIN)).await;
+        let d = s
+            .eval(recharge(&format!("v{i}"), "vip-0001", 600, t + i * MIN))
+            .await;
         assert_decision(&d, Action::Allow, None);
     }
     let mut r = recharge("v-frozen", "vip-0001", 10, t + 7 * MIN);
@@ -359,8 +412,16 @@ async fn allow_listed_users_skip_soft_rules_but_not_hard_ones() {
 async fn chargebacks_make_the_next_recharge_confirm() {
     let mut s = start().await;
     let t = t0();
-    assert_decision(&s.eval(recharge("c1", "u1", 100, t)).await, Action::Allow, None);
-    assert_decision(&s.eval(recharge("c2", "u1", 100, t + MIN)).await, Action::Allow, None);
+    assert_decision(
+        &s.eval(recharge("c1", "u1", 100, t)).await,
+        Action::Allow,
+        None,
+    );
+    assert_decision(
+        &s.eval(recharge("c2", "u1", 100, t + MIN)).await,
+        Action::Allow,
+        None,
+    );
     s.outcome("c1", OutcomeKind::Chargeback).await;
     let d = s.eval(recharge("c3", "u1", 100, riskgate::now_ms())).await;
     assert_decision(&d, Action::Challenge, Some("CHARGEBACK_HISTORY"));

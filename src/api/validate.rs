@@ -49,10 +49,12 @@ fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
 }
 
 fn parse_ip(field: &str, text: &str) -> Result<(IpAddr, String), Status> {
-    let ip: IpAddr = text
-        .trim()
-        .parse()
-        .map_err(|_| invalid(field, format_args!("`{text}` is not an IPv4 or IPv6 address")))?;
+    let ip: IpAddr = text.trim().parse().map_err(|_| {
+        invalid(
+            field,
+            format_args!("`{text}` is not an IPv4 or IPv6 address"),
+        )
+    })?;
     // IPv4-mapped IPv6 is the IPv4 address: one address, one key.
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
@@ -82,10 +84,15 @@ pub fn recharge(req: pb::EvaluateRequest, now: i64) -> Result<Recharge, Status> 
         return Err(invalid("amount", "must be greater than 0 (fen)"));
     }
     if req.amount > MAX_AMOUNT {
-        return Err(invalid("amount", format_args!("must be at most {MAX_AMOUNT} fen")));
+        return Err(invalid(
+            "amount",
+            format_args!("must be at most {MAX_AMOUNT} fen"),
+        ));
     }
     bounded("currency", &req.currency, MAX_TAG_LEN)?;
-    if !req.currency.chars().all(|c| c.is_ascii_alphabetic()) || !matches!(req.currency.len(), 0 | 3) {
+    if !req.currency.chars().all(|c| c.is_ascii_alphabetic())
+        || !matches!(req.currency.len(), 0 | 3)
+    {
         return Err(invalid("currency", "must be a three-letter ISO 4217 code"));
     }
     bounded("channel", &req.channel, MAX_TAG_LEN)?;
@@ -139,12 +146,18 @@ fn attributes(attrs: &std::collections::HashMap<String, String>) -> Result<(), S
     if attrs.len() > MAX_ATTRIBUTES {
         return Err(invalid(
             "attributes",
-            format_args!("has {} entries, at most {MAX_ATTRIBUTES} are accepted", attrs.len()),
+            format_args!(
+                "has {} entries, at most {MAX_ATTRIBUTES} are accepted",
+                attrs.len()
+            ),
         ));
     }
     for (k, v) in attrs {
         if k.is_empty() || k.len() > MAX_ATTRIBUTE_KEY_LEN {
-            return Err(invalid("attributes", format_args!("key `{k}` must be 1 to {MAX_ATTRIBUTE_KEY_LEN} bytes")));
+            return Err(invalid(
+                "attributes",
+                format_args!("key `{k}` must be 1 to {MAX_ATTRIBUTE_KEY_LEN} bytes"),
+            ));
         }
         bounded(&format!("attributes[{k}]"), v, MAX_ATTRIBUTE_VALUE_LEN)?;
     }
@@ -160,7 +173,12 @@ fn account_status(raw: i32) -> Result<AccountStatus, Status> {
         Ok(P::Lost) => AccountStatus::Lost,
         Ok(P::Arrears) => AccountStatus::Arrears,
         Ok(P::Closed) => AccountStatus::Closed,
-        Err(_) => return Err(invalid("account.status", format_args!("unknown value {raw}"))),
+        Err(_) => {
+            return Err(invalid(
+                "account.status",
+                format_args!("unknown value {raw}"),
+            ))
+        }
     })
 }
 
@@ -170,7 +188,12 @@ pub fn login(ev: pb::Event, now: i64) -> Result<Login, Status> {
     let succeeded = match pb::EventKind::try_from(ev.kind) {
         Ok(pb::EventKind::LoginSucceeded) => true,
         Ok(pb::EventKind::LoginFailed) => false,
-        _ => return Err(invalid("kind", "must be EVENT_KIND_LOGIN_SUCCEEDED or EVENT_KIND_LOGIN_FAILED")),
+        _ => {
+            return Err(invalid(
+                "kind",
+                "must be EVENT_KIND_LOGIN_SUCCEEDED or EVENT_KIND_LOGIN_FAILED",
+            ))
+        }
     };
     bounded("device_id", &ev.device_id, MAX_ID_LEN)?;
     let (ip, ip_text) = if ev.ip.is_empty() {
@@ -200,13 +223,21 @@ pub fn outcome(o: pb::Outcome, now: i64) -> Result<Outcome, Status> {
         Ok(pb::OutcomeKind::Chargeback) => OutcomeKind::Chargeback,
         Ok(pb::OutcomeKind::ChallengePassed) => OutcomeKind::ChallengePassed,
         Ok(pb::OutcomeKind::ChallengeFailed) => OutcomeKind::ChallengeFailed,
-        _ => return Err(invalid("kind", "must name an outcome (OUTCOME_KIND_SUCCEEDED...)")),
+        _ => {
+            return Err(invalid(
+                "kind",
+                "must name an outcome (OUTCOME_KIND_SUCCEEDED...)",
+            ))
+        }
     };
     // Chargebacks arrive weeks later: only the future is bounded here.
     let timestamp_ms = match o.timestamp_ms {
         0 => now,
         ts if ts > now + MAX_FUTURE_MS => {
-            return Err(invalid("timestamp_ms", "is more than 5 minutes in the future"))
+            return Err(invalid(
+                "timestamp_ms",
+                "is more than 5 minutes in the future",
+            ))
         }
         ts if ts < 0 => return Err(invalid("timestamp_ms", "must not be negative")),
         ts => ts,

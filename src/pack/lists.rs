@@ -119,7 +119,7 @@ impl PrefixSet {
         let masked = mask(addr, len);
         if !self.by_len.iter().any(|(l, _)| *l == len) {
             self.by_len.push((len, HashSet::new()));
-            self.by_len.sort_by(|a, b| b.0.cmp(&a.0));
+            self.by_len.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
         }
         if let Some((_, set)) = self.by_len.iter_mut().find(|(l, _)| *l == len) {
             if set.insert(masked) {
@@ -179,8 +179,12 @@ mod tests {
 
     #[test]
     fn malformed_lines_are_all_reported_with_positions() {
-        let err = List::parse(ListKind::Ip, "10.0.0.0/8\n  300.1.2.3\nnot-an-ip\n", "ips.txt")
-            .unwrap_err();
+        let err = List::parse(
+            ListKind::Ip,
+            "10.0.0.0/8\n  300.1.2.3\nnot-an-ip\n",
+            "ips.txt",
+        )
+        .unwrap_err();
         let text: Vec<String> = err.iter().map(ToString::to_string).collect();
         assert_eq!(text.len(), 2);
         assert!(text[0].starts_with("ips.txt:2:3:"), "{}", text[0]);

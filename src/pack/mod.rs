@@ -54,7 +54,11 @@ impl fmt::Display for Problem {
         if self.line == 0 {
             write!(f, "{}: {}", self.file, self.message)
         } else {
-            write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.col, self.message
+            )
         }
     }
 }
@@ -68,7 +72,12 @@ pub struct LoadError {
 
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "rule pack {} has {} problem(s)", self.dir.display(), self.problems.len())?;
+        write!(
+            f,
+            "rule pack {} has {} problem(s)",
+            self.dir.display(),
+            self.problems.len()
+        )?;
         for p in &self.problems {
             write!(f, "\n  {p}")?;
         }
@@ -178,7 +187,9 @@ impl Pack {
                 if rule.soft && ctx.allowlisted {
                     continue;
                 }
-                let result = self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, &rule.ast);
+                let result = self
+                    .engine
+                    .eval_ast_with_scope::<Dynamic>(&mut scope, &rule.ast);
                 scope.rewind(base);
                 let reason = match result {
                     Ok(v) if v.is_unit() => continue,
@@ -237,7 +248,11 @@ impl Pack {
                 code: hit.code.to_string(),
                 message: hit.message.to_string(),
                 action: hit.action,
-                score: if hit.notice { 0 } else { hit.score.unwrap_or(rule.score) },
+                score: if hit.notice {
+                    0
+                } else {
+                    hit.score.unwrap_or(rule.score)
+                },
                 challenge,
             },
             shadow,
@@ -273,7 +288,12 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
     let text = match std::fs::read_to_string(&manifest_path) {
         Ok(text) => text,
         Err(e) => {
-            problems.push(Problem::at(&manifest_path.display().to_string(), 0, 0, e.to_string()));
+            problems.push(Problem::at(
+                &manifest_path.display().to_string(),
+                0,
+                0,
+                e.to_string(),
+            ));
             return None;
         }
     };
@@ -286,7 +306,8 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
             return None;
         }
     };
-    let mut hasher_parts: Vec<(String, Vec<u8>)> = vec![(MANIFEST.to_string(), text.clone().into_bytes())];
+    let mut hasher_parts: Vec<(String, Vec<u8>)> =
+        vec![(MANIFEST.to_string(), text.clone().into_bytes())];
     let here = |needle: &str| line_col_of(&text, needle);
 
     // Parameters.
@@ -299,7 +320,12 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
             toml::Value::String(s) => Dynamic::from(s.clone()),
             _ => {
                 let (l, c) = here(&format!("{name} ="));
-                problems.push(Problem::at(mf, l, c, format!("parameter `{name}` must be a number, boolean or string")));
+                problems.push(Problem::at(
+                    mf,
+                    l,
+                    c,
+                    format!("parameter `{name}` must be a number, boolean or string"),
+                ));
                 continue;
             }
         };
@@ -312,7 +338,12 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
                 Some(toml::Value::Integer(n)) => *n,
                 _ => {
                     let (l, c) = here(&format!("\"{p}\""));
-                    problems.push(Problem::at(mf, l, c, format!("{what}: `{p}` is not an integer parameter")));
+                    problems.push(Problem::at(
+                        mf,
+                        l,
+                        c,
+                        format!("{what}: `{p}` is not an integer parameter"),
+                    ));
                     0
                 }
             },
@@ -322,7 +353,15 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
     // Windows.
     let profile_span_ms = manifest::parse_span(&manifest.profile.span).unwrap_or_else(|| {
         let (l, c) = here("span");
-        problems.push(Problem::at(mf, l, c, format!("profile span `{}` is not a duration like 30d", manifest.profile.span)));
+        problems.push(Problem::at(
+            mf,
+            l,
+            c,
+            format!(
+                "profile span `{}` is not a duration like 30d",
+                manifest.profile.span
+            ),
+        ));
         30 * 86_400_000
     });
     let mut plan = WindowPlan {
@@ -332,7 +371,8 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
     let mut window_index = HashMap::new();
     for (name, def) in &manifest.windows {
         let (l, c) = here(&format!("[windows.{name}]"));
-        let mut bad = |msg: String| problems.push(Problem::at(mf, l, c, format!("window `{name}`: {msg}")));
+        let mut bad =
+            |msg: String| problems.push(Problem::at(mf, l, c, format!("window `{name}`: {msg}")));
         let mut fields = Vec::new();
         for f in &def.key {
             match Field::parse(f) {
@@ -367,21 +407,25 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
                 Aggregate::Count
             }
             (other, _) => {
-                bad(format!("aggregate `{other}` must be count, sum or distinct (with `of`)"));
+                bad(format!(
+                    "aggregate `{other}` must be count, sum or distinct (with `of`)"
+                ));
                 Aggregate::Count
             }
         };
         let span = manifest::parse_span(&def.span).unwrap_or_else(|| {
-            bad(format!("span `{}` is not a duration like 90s, 10m, 24h, 30d", def.span));
+            bad(format!(
+                "span `{}` is not a duration like 90s, 10m, 24h, 30d",
+                def.span
+            ));
             60_000
         });
         if span > 31 * 86_400_000 {
             bad("span is longer than 31 days".into());
         }
-        let min_amount = def
-            .min_amount
-            .as_ref()
-            .map_or(0, |a| amount(a, &format!("window `{name}` min_amount"), problems));
+        let min_amount = def.min_amount.as_ref().map_or(0, |a| {
+            amount(a, &format!("window `{name}` min_amount"), problems)
+        });
         let prefix = def.key.join("+");
         let group = match plan.groups.iter().position(|g| g.prefix == prefix) {
             Some(g) => g,
@@ -418,11 +462,24 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
     for (name, def) in &manifest.lists {
         let (l, c) = here(&format!("[lists.{name}]"));
         let Some(kind) = ListKind::parse(&def.kind) else {
-            problems.push(Problem::at(mf, l, c, format!("list `{name}`: kind `{}` must be ip, user or device", def.kind)));
+            problems.push(Problem::at(
+                mf,
+                l,
+                c,
+                format!(
+                    "list `{name}`: kind `{}` must be ip, user or device",
+                    def.kind
+                ),
+            ));
             continue;
         };
         if name == "allowlisted" {
-            problems.push(Problem::at(mf, l, c, "`allowlisted` is reserved for list.allowlisted".to_string()));
+            problems.push(Problem::at(
+                mf,
+                l,
+                c,
+                "`allowlisted` is reserved for list.allowlisted".to_string(),
+            ));
         }
         let path = dir.join(&def.file);
         match std::fs::read_to_string(&path) {
@@ -436,7 +493,12 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
                 }
                 hasher_parts.push((def.file.clone(), body.into_bytes()));
             }
-            Err(e) => problems.push(Problem::at(mf, l, c, format!("list `{name}`: cannot read {}: {e}", def.file))),
+            Err(e) => problems.push(Problem::at(
+                mf,
+                l,
+                c,
+                format!("list `{name}`: cannot read {}: {e}", def.file),
+            )),
         }
     }
 
@@ -447,7 +509,12 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
             Some(&i) => allowlists.push(i),
             None => {
                 let (l, c) = here(&format!("\"{name}\""));
-                problems.push(Problem::at(mf, l, c, format!("policy.allowlists names unknown list `{name}`")));
+                problems.push(Problem::at(
+                    mf,
+                    l,
+                    c,
+                    format!("policy.allowlists names unknown list `{name}`"),
+                ));
             }
         }
     }
@@ -461,19 +528,36 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
     let known: BTreeMap<&str, HashSet<&str>> = BTreeMap::from([
         ("window", window_index.keys().map(String::as_str).collect()),
         ("param", params.keys().map(String::as_str).collect()),
-        ("list", list_index.keys().map(String::as_str).chain(["allowlisted"]).collect()),
+        (
+            "list",
+            list_index
+                .keys()
+                .map(String::as_str)
+                .chain(["allowlisted"])
+                .collect(),
+        ),
     ]);
     let mut rules = Vec::new();
     let mut ids = HashSet::new();
     for def in &manifest.rules {
         let (l, c) = here(&format!("\"{}\"", def.id));
         if !ids.insert(def.id.clone()) {
-            problems.push(Problem::at(mf, l, c, format!("duplicate rule id `{}`", def.id)));
+            problems.push(Problem::at(
+                mf,
+                l,
+                c,
+                format!("duplicate rule id `{}`", def.id),
+            ));
         }
         let source = match std::fs::read_to_string(dir.join(&def.file)) {
             Ok(s) => s,
             Err(e) => {
-                problems.push(Problem::at(mf, l, c, format!("rule `{}`: cannot read {}: {e}", def.id, def.file)));
+                problems.push(Problem::at(
+                    mf,
+                    l,
+                    c,
+                    format!("rule `{}`: cannot read {}: {e}", def.id, def.file),
+                ));
                 continue;
             }
         };
@@ -484,7 +568,12 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
                     "param" => "parameter",
                     _ => "list",
                 };
-                problems.push(Problem::at(&def.file, u.line, u.col, format!("unknown {what} `{}`", u.name)));
+                problems.push(Problem::at(
+                    &def.file,
+                    u.line,
+                    u.col,
+                    format!("unknown {what} `{}`", u.name),
+                ));
             }
         }
         match script::compile(&engine, &source, &def.file) {

@@ -138,18 +138,38 @@ fn register_api(engine: &mut Engine) {
     engine
         .register_type_with_name::<RequestVar>("Request")
         .register_get("id", |v: &mut RequestVar| v.0.recharge.request_id.clone())
-        .register_get("user_id", |v: &mut RequestVar| v.0.recharge.facts.user_id.clone())
+        .register_get("user_id", |v: &mut RequestVar| {
+            v.0.recharge.facts.user_id.clone()
+        })
         .register_get("amount", |v: &mut RequestVar| v.0.recharge.facts.amount)
-        .register_get("currency", |v: &mut RequestVar| v.0.recharge.facts.currency.clone())
-        .register_get("channel", |v: &mut RequestVar| v.0.recharge.facts.channel.clone())
-        .register_get("product", |v: &mut RequestVar| v.0.recharge.facts.product.clone())
-        .register_get("target", |v: &mut RequestVar| v.0.recharge.facts.target.clone())
-        .register_get("ip", |v: &mut RequestVar| v.0.recharge.facts.ip_text.clone())
-        .register_get("device_id", |v: &mut RequestVar| v.0.recharge.facts.device_id.clone())
-        .register_get("timestamp_ms", |v: &mut RequestVar| v.0.recharge.facts.timestamp_ms)
+        .register_get("currency", |v: &mut RequestVar| {
+            v.0.recharge.facts.currency.clone()
+        })
+        .register_get("channel", |v: &mut RequestVar| {
+            v.0.recharge.facts.channel.clone()
+        })
+        .register_get("product", |v: &mut RequestVar| {
+            v.0.recharge.facts.product.clone()
+        })
+        .register_get("target", |v: &mut RequestVar| {
+            v.0.recharge.facts.target.clone()
+        })
+        .register_get("ip", |v: &mut RequestVar| {
+            v.0.recharge.facts.ip_text.clone()
+        })
+        .register_get("device_id", |v: &mut RequestVar| {
+            v.0.recharge.facts.device_id.clone()
+        })
+        .register_get("timestamp_ms", |v: &mut RequestVar| {
+            v.0.recharge.facts.timestamp_ms
+        })
         .register_get("is_ipv6", |v: &mut RequestVar| v.0.recharge.ip.is_ipv6())
         .register_fn("attr", |v: &mut RequestVar, key: &str| {
-            v.0.recharge.attributes.get(key).cloned().unwrap_or_default()
+            v.0.recharge
+                .attributes
+                .get(key)
+                .cloned()
+                .unwrap_or_default()
         });
 
     engine
@@ -157,8 +177,12 @@ fn register_api(engine: &mut Engine) {
         .register_get("real_name_verified", |v: &mut AccountVar| {
             v.0.recharge.account.real_name_verified
         })
-        .register_get("status", |v: &mut AccountVar| v.0.recharge.account.status.name())
-        .register_get("created_at_ms", |v: &mut AccountVar| v.0.recharge.account.created_at_ms)
+        .register_get("status", |v: &mut AccountVar| {
+            v.0.recharge.account.status.name()
+        })
+        .register_get("created_at_ms", |v: &mut AccountVar| {
+            v.0.recharge.account.created_at_ms
+        })
         .register_get("has_purchase_history", |v: &mut AccountVar| {
             v.0.recharge.account.has_purchase_history
         })
@@ -173,12 +197,14 @@ fn register_api(engine: &mut Engine) {
 
     engine
         .register_type_with_name::<WindowVar>("Windows")
-        .register_indexer_get(|v: &mut WindowVar, name: &str| -> Result<i64, Box<rhai::EvalAltResult>> {
-            match v.0.names.windows.get(name) {
-                Some(&i) => Ok(v.0.windows[i]),
-                None => Err(format!("unknown window `{name}`").into()),
-            }
-        });
+        .register_indexer_get(
+            |v: &mut WindowVar, name: &str| -> Result<i64, Box<rhai::EvalAltResult>> {
+                match v.0.names.windows.get(name) {
+                    Some(&i) => Ok(v.0.windows[i]),
+                    None => Err(format!("unknown window `{name}`").into()),
+                }
+            },
+        );
 
     engine
         .register_type_with_name::<GeoVar>("Location")
@@ -186,45 +212,63 @@ fn register_api(engine: &mut Engine) {
         .register_get("country", |v: &mut GeoVar| loc_text(v, |l| &l.country))
         .register_get("region", |v: &mut GeoVar| loc_text(v, |l| &l.region))
         .register_get("city", |v: &mut GeoVar| loc_text(v, |l| &l.city))
-        .register_get("latitude", |v: &mut GeoVar| v.0.location.as_ref().map_or(0.0, |l| l.latitude))
+        .register_get("latitude", |v: &mut GeoVar| {
+            v.0.location.as_ref().map_or(0.0, |l| l.latitude)
+        })
         .register_get("longitude", |v: &mut GeoVar| {
             v.0.location.as_ref().map_or(0.0, |l| l.longitude)
         });
 
     engine
         .register_type_with_name::<ProfileVar>("Profile")
-        .register_get("located_events", |v: &mut ProfileVar| v.0.profile.located_events)
-        .register_get("usual_region", |v: &mut ProfileVar| v.0.profile.usual_region)
-        .register_get("usual_regions", |v: &mut ProfileVar| v.0.profile.usual_regions)
+        .register_get("located_events", |v: &mut ProfileVar| {
+            v.0.profile.located_events
+        })
+        .register_get("usual_region", |v: &mut ProfileVar| {
+            v.0.profile.usual_region
+        })
+        .register_get("usual_regions", |v: &mut ProfileVar| {
+            v.0.profile.usual_regions
+        })
         .register_get("last_login_new_region", |v: &mut ProfileVar| {
             v.0.profile.last_login_new_region
         })
-        .register_get("secs_since_login", |v: &mut ProfileVar| v.0.profile.secs_since_login)
+        .register_get("secs_since_login", |v: &mut ProfileVar| {
+            v.0.profile.secs_since_login
+        })
         .register_get("travel_km", |v: &mut ProfileVar| v.0.profile.travel_km)
         .register_get("travel_kmh", |v: &mut ProfileVar| v.0.profile.travel_kmh);
 
     engine
         .register_type_with_name::<ListVar>("Lists")
         .register_get("allowlisted", |v: &mut ListVar| v.0.allowlisted)
-        .register_indexer_get(|v: &mut ListVar, name: &str| -> Result<bool, Box<rhai::EvalAltResult>> {
-            match v.0.names.lists.get(name) {
-                Some(&i) => Ok(v.0.lists[i]),
-                None => Err(format!("unknown list `{name}`").into()),
-            }
-        });
+        .register_indexer_get(
+            |v: &mut ListVar, name: &str| -> Result<bool, Box<rhai::EvalAltResult>> {
+                match v.0.names.lists.get(name) {
+                    Some(&i) => Ok(v.0.lists[i]),
+                    None => Err(format!("unknown list `{name}`").into()),
+                }
+            },
+        );
 
     engine
         .register_type_with_name::<ParamVar>("Params")
-        .register_indexer_get(|v: &mut ParamVar, name: &str| -> Result<Dynamic, Box<rhai::EvalAltResult>> {
-            match v.0.names.params.get(name) {
-                Some(value) => Ok(value.clone()),
-                None => Err(format!("unknown parameter `{name}`").into()),
-            }
-        });
+        .register_indexer_get(
+            |v: &mut ParamVar, name: &str| -> Result<Dynamic, Box<rhai::EvalAltResult>> {
+                match v.0.names.params.get(name) {
+                    Some(value) => Ok(value.clone()),
+                    None => Err(format!("unknown parameter `{name}`").into()),
+                }
+            },
+        );
 }
 
 fn loc_text(v: &GeoVar, field: impl Fn(&Location) -> &String) -> String {
-    v.0.location.as_deref().map(field).cloned().unwrap_or_default()
+    v.0.location
+        .as_deref()
+        .map(field)
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// A scope holding the rule variables, for compiling (strict variables) and
@@ -380,8 +424,8 @@ pub fn name_uses(source: &str) -> Vec<NameUse> {
                 }
             }
         }
-        for k in i..(i + advance).min(chars.len()) {
-            if chars[k] == '\n' {
+        for &ch in chars.iter().skip(i).take(advance) {
+            if ch == '\n' {
                 line += 1;
                 col = 1;
             } else {

@@ -161,7 +161,8 @@ impl MemoryStore {
     }
 
     pub fn find(&self, request_id: &str) -> Option<Arc<IdemEntry>> {
-        self.requests.read(request_id, |slot| slot.and_then(|s| s.clone()))
+        self.requests
+            .read(request_id, |slot| slot.and_then(|s| s.clone()))
     }
 
     pub fn begin(
@@ -174,7 +175,9 @@ impl MemoryStore {
         let facts = &recharge.facts;
         let mut values = vec![0i64; plan.windows.len()];
         self.touch_windows(plan, facts, &mut values, |w| {
-            if !matches!(w.counts, Counts::Attempts | Counts::Allowed) || facts.amount < w.min_amount {
+            if !matches!(w.counts, Counts::Attempts | Counts::Allowed)
+                || facts.amount < w.min_amount
+            {
                 Touch::Read
             } else if record {
                 Touch::Record(delta(w, facts))
@@ -193,7 +196,13 @@ impl MemoryStore {
         }
     }
 
-    pub fn settle(&self, plan: &WindowPlan, facts: &Facts, action: Action, location: Option<&Location>) {
+    pub fn settle(
+        &self,
+        plan: &WindowPlan,
+        facts: &Facts,
+        action: Action,
+        location: Option<&Location>,
+    ) {
         if action == Action::Block {
             self.release(plan, facts);
         }
@@ -233,7 +242,13 @@ impl MemoryStore {
         }
     }
 
-    pub fn apply_outcome(&self, plan: &WindowPlan, settled: &Settled, kind: OutcomeKind, ts_ms: i64) {
+    pub fn apply_outcome(
+        &self,
+        plan: &WindowPlan,
+        settled: &Settled,
+        kind: OutcomeKind,
+        ts_ms: i64,
+    ) {
         let facts = &settled.facts;
         let decided = settled.decision.action;
         let release = match kind {
@@ -336,7 +351,11 @@ impl MemoryStore {
                         for &i in &group.windows {
                             let w = &plan.windows[i];
                             values[i] = match how(w) {
-                                Touch::Include(_) if matches!(w.aggregate, Aggregate::Distinct(_)) => 1,
+                                Touch::Include(_)
+                                    if matches!(w.aggregate, Aggregate::Distinct(_)) =>
+                                {
+                                    1
+                                }
                                 Touch::Include(d) => d,
                                 _ => 0,
                             };
@@ -350,7 +369,8 @@ impl MemoryStore {
     /// Drops idle keys and expired idempotency records. Run periodically.
     pub fn expire(&self, now_ms: i64, profile_span_ms: i64) {
         self.windows.retain(|slot| !slot.is_idle(now_ms));
-        self.profiles.retain(|p| !p.is_idle(now_ms, profile_span_ms));
+        self.profiles
+            .retain(|p| !p.is_idle(now_ms, profile_span_ms));
         let ttl = self.limits.idempotency_ttl_ms;
         self.requests
             .retain(|e| e.as_ref().is_some_and(|e| e.created_ms + ttl > now_ms));

@@ -165,7 +165,12 @@ impl Store {
         }
     }
 
-    pub async fn record_login(&self, plan: &WindowPlan, login: &Login, location: Option<&Location>) {
+    pub async fn record_login(
+        &self,
+        plan: &WindowPlan,
+        login: &Login,
+        location: Option<&Location>,
+    ) {
         match self {
             Store::Memory(m) => m.record_login(plan, login, location),
         }

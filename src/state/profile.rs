@@ -49,7 +49,11 @@ pub struct Profile {
 impl Profile {
     pub fn view(&self, ts_ms: i64, span_ms: i64, loc: Option<&Location>) -> ProfileView {
         let from = ts_ms - span_ms;
-        let live = || self.recent.iter().filter(|(t, _)| *t >= from && *t <= ts_ms);
+        let live = || {
+            self.recent
+                .iter()
+                .filter(|(t, _)| *t >= from && *t <= ts_ms)
+        };
         let mut regions: Vec<u64> = live().map(|(_, r)| *r).collect();
         regions.sort_unstable();
         regions.dedup();
@@ -143,7 +147,10 @@ mod tests {
             p.learn(d * DAY, &beijing);
         }
         let v = p.view(3 * DAY, 30 * DAY, Some(&chengdu));
-        assert_eq!((v.located_events, v.usual_region, v.usual_regions), (3, false, 1));
+        assert_eq!(
+            (v.located_events, v.usual_region, v.usual_regions),
+            (3, false, 1)
+        );
         assert!(p.view(3 * DAY, 30 * DAY, Some(&beijing)).usual_region);
         // Forty days on, the history has aged out.
         assert_eq!(p.view(40 * DAY, 30 * DAY, Some(&beijing)).located_events, 0);
@@ -154,7 +161,11 @@ mod tests {
         let mut p = Profile::default();
         p.saw(0, &loc("Beijing", 39.9042, 116.4074));
         // Shanghai an hour later: about 1,070 km/h, faster than any train.
-        let v = p.view(3_600_000, 30 * DAY, Some(&loc("Shanghai", 31.2304, 121.4737)));
+        let v = p.view(
+            3_600_000,
+            30 * DAY,
+            Some(&loc("Shanghai", 31.2304, 121.4737)),
+        );
         assert!((v.travel_kmh - 1067.0).abs() < 30.0, "{v:?}");
     }
 

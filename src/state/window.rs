@@ -278,6 +278,9 @@ mod tests {
         for i in 0..(MAX_DISTINCT as u64 + 100) {
             d.add(shape, i as i64, i);
         }
-        assert_eq!(d.value(shape, MAX_DISTINCT as i64 + 100), MAX_DISTINCT as i64);
+        assert_eq!(
+            d.value(shape, MAX_DISTINCT as i64 + 100),
+            MAX_DISTINCT as i64
+        );
     }
 }
