@@ -75,10 +75,10 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
             };
-            match runtime.block_on(riskgate::server::run(
-                cfg,
-                riskgate::server::shutdown_signal(),
-            )) {
+            // The signal handlers need the runtime: install them inside it.
+            let serve =
+                async { riskgate::server::run(cfg, riskgate::server::shutdown_signal()).await };
+            match runtime.block_on(serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }

@@ -380,7 +380,7 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
                 None => bad(format!("unknown key field `{f}`")),
             }
         }
-        if fields.is_empty() {
+        if def.key.is_empty() {
             bad("key needs at least one field".into());
         }
         let counts = Counts::parse(&def.counts).unwrap_or_else(|| {
@@ -539,8 +539,8 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
     ]);
     let mut rules = Vec::new();
     let mut ids = HashSet::new();
-    for def in &manifest.rules {
-        let (l, c) = here(&format!("\"{}\"", def.id));
+    for (n, def) in manifest.rules.iter().enumerate() {
+        let (l, c) = nth_line_col(&text, "[[rules]]", n);
         if !ids.insert(def.id.clone()) {
             problems.push(Problem::at(
                 mf,
@@ -627,6 +627,13 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
     (line, col)
+}
+
+/// Position of the `n`th (0-based) occurrence of `needle`, or (0, 0).
+fn nth_line_col(text: &str, needle: &str, n: usize) -> (usize, usize) {
+    text.match_indices(needle)
+        .nth(n)
+        .map_or((0, 0), |(at, _)| line_col(text, at))
 }
 
 /// Position of the first occurrence of `needle`, or (0, 0).

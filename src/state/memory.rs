@@ -536,6 +536,67 @@ impl<V: Default> Bounded<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Field;
+    use crate::state::KeyGroup;
+
+    fn plan() -> WindowPlan {
+        WindowPlan {
+            windows: vec![Window {
+                name: "per_user".into(),
+                sig: 1,
+                shape: Shape::new(600_000),
+                aggregate: Aggregate::Count,
+                counts: Counts::Attempts,
+                min_amount: 0,
+                group: 0,
+            }],
+            groups: vec![KeyGroup {
+                fields: vec![Field::UserId],
+                prefix: "user_id".into(),
+                windows: vec![0],
+            }],
+            profile_span_ms: 30 * 86_400_000,
+        }
+    }
+
+    fn recharge(user: &str, ts: i64) -> Recharge {
+        Recharge {
+            request_id: "r".into(),
+            facts: Facts {
+                user_id: user.into(),
+                amount: 100,
+                timestamp_ms: ts,
+                ..Facts::default()
+            },
+            ip: "192.0.2.1".parse().unwrap(),
+            account: Default::default(),
+            attributes: Default::default(),
+            dry_run: false,
+        }
+    }
+
+    #[test]
+    fn idle_keys_expire_after_their_span() {
+        let store = MemoryStore::new(MemoryLimits::default());
+        let plan = plan();
+        assert_eq!(store.begin(&plan, &recharge("old", 0), None, true).windows, [1]);
+        assert_eq!(store.begin(&plan, &recharge("new", 1_000_000), None, true).windows, [1]);
+        assert_eq!(store.begin(&plan, &recharge("new", 1_000_001), None, true).windows, [2]);
+        assert_eq!(store.stats().window_keys, 2);
+        // At 1,200 s the old key (last seen at 0, span 600 s) is idle.
+        store.expire(1_200_000, 30 * 86_400_000);
+        assert_eq!(store.stats().window_keys, 1);
+        let read = store.begin(&plan, &recharge("new", 1_100_000), None, false);
+        assert_eq!(read.windows, [3], "the live key kept its count");
+    }
+
+    #[test]
+    fn dry_runs_create_no_keys() {
+        let store = MemoryStore::new(MemoryLimits::default());
+        let got = store.begin(&plan(), &recharge("u", 0), None, false);
+        assert_eq!(got.windows, [1], "a dry run counts itself in");
+        assert_eq!(store.stats().window_keys, 0);
+    }
 
     #[test]
     fn cap_holds_and_recent_keys_survive() {
