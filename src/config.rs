@@ -91,3 +91,33 @@ fn duration(field: &'static str, value: &str) -> Result<i64, ConfigError> {
         value: value.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_the_defaults() {
+        let example: Config = toml::from_str(include_str!("../riskgate.example.toml")).unwrap();
+        let defaults = Config::default();
+        assert_eq!(example.listen, defaults.listen);
+        assert_eq!(example.rules, defaults.rules);
+        assert_eq!(example.max_tracked_keys, defaults.max_tracked_keys);
+        assert_eq!(
+            example.memory_limits().unwrap().idempotency_ttl_ms,
+            86_400_000
+        );
+        assert_eq!(example.sweep_interval_ms().unwrap(), 30_000);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_refused() {
+        assert!(toml::from_str::<Config>("listn = \"x\"").is_err());
+        let c: Config = toml::from_str("idempotency_ttl = \"a day\"").unwrap();
+        assert!(c
+            .memory_limits()
+            .unwrap_err()
+            .to_string()
+            .contains("idempotency_ttl"));
+    }
+}
