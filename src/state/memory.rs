@@ -579,9 +579,22 @@ mod tests {
     fn idle_keys_expire_after_their_span() {
         let store = MemoryStore::new(MemoryLimits::default());
         let plan = plan();
-        assert_eq!(store.begin(&plan, &recharge("old", 0), None, true).windows, [1]);
-        assert_eq!(store.begin(&plan, &recharge("new", 1_000_000), None, true).windows, [1]);
-        assert_eq!(store.begin(&plan, &recharge("new", 1_000_001), None, true).windows, [2]);
+        assert_eq!(
+            store.begin(&plan, &recharge("old", 0), None, true).windows,
+            [1]
+        );
+        assert_eq!(
+            store
+                .begin(&plan, &recharge("new", 1_000_000), None, true)
+                .windows,
+            [1]
+        );
+        assert_eq!(
+            store
+                .begin(&plan, &recharge("new", 1_000_001), None, true)
+                .windows,
+            [2]
+        );
         assert_eq!(store.stats().window_keys, 2);
         // At 1,200 s the old key (last seen at 0, span 600 s) is idle.
         store.expire(1_200_000, 30 * 86_400_000);
