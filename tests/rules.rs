@@ -426,3 +426,51 @@ async fn chargebacks_make_the_next_recharge_confirm() {
     let d = s.eval(recharge("c3", "u1", 100, riskgate::now_ms())).await;
     assert_decision(&d, Action::Challenge, Some("CHARGEBACK_HISTORY"));
 }
+
+#[tokio::test]
+async fn repeated_failed_challenges_block() {
+    let mut s = start().await;
+    let t = t0();
+    let new_account = |id: &str, ts: i64| {
+        let mut r = recharge(id, "u1", 200, ts);
+        let a = r.account.as_mut().unwrap();
+        a.created_at_ms = t - DAY;
+        a.has_purchase_history = false;
+        r
+    };
+    for i in 0..3 {
+        let id = format!("n{i}");
+        let d = s.eval(new_account(&id, t + i * MIN)).await;
+        assert_decision(&d, Action::Challenge, Some("NEW_ACCOUNT"));
+        assert!(!s.outcome(&id, OutcomeKind::ChallengeFailed).await);
+    }
+    let d = s.eval(recharge("next", "u1", 20, riskgate::now_ms())).await;
+    assert_decision(&d, Action::Block, Some("CHALLENGE_FAILURES"));
+    // Two failures are not enough.
+    let mut s = start().await;
+    for i in 0..2 {
+        let id = format!("m{i}");
+        s.eval(new_account(&id, t + i * MIN)).await;
+        s.outcome(&id, OutcomeKind::ChallengeFailed).await;
+    }
+    let d = s.eval(recharge("next", "u1", 20, riskgate::now_ms())).await;
+    assert_decision(&d, Action::Allow, None);
+}
+
+#[tokio::test]
+async fn a_passed_challenge_teaches_the_new_region() {
+    let mut s = start().await;
+    let t = t0() - 20 * HOUR;
+    settle_in_beijing(&mut s, "u1", t).await;
+    let mut r = recharge("away", "u1", 80, t + 10 * HOUR);
+    r.ip = CHENGDU.into();
+    assert_decision(
+        &s.eval(r).await,
+        Action::Challenge,
+        Some("LOCATION_UNUSUAL"),
+    );
+    s.outcome("away", OutcomeKind::ChallengePassed).await;
+    let mut r = recharge("away-again", "u1", 80, t + 12 * HOUR);
+    r.ip = CHENGDU.into();
+    assert_decision(&s.eval(r).await, Action::Allow, None);
+}
