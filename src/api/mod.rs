@@ -117,10 +117,13 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(crate::pb::DESCRIPTOR)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1().expect("the embedded descriptor set is valid");
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
     // v1alpha too: grpcurl 1.8.6 (the one on PyPI), grpcui and Postman ask only for it.
-    let reflection_v1alpha =
-        reflection().build_v1alpha().expect("the embedded descriptor set is valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("the embedded descriptor set is valid");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(health_service)
