@@ -51,10 +51,10 @@ pub enum EngineError {
 }
 
 impl Engine {
-    pub fn new(pack: Pack, store: Store, geo: GeoDb) -> Engine {
+    pub fn new(pack: Arc<Pack>, store: Store, geo: GeoDb) -> Engine {
         Engine {
             shared: Arc::new(Shared {
-                pack: ArcSwap::from_pointee(pack),
+                pack: ArcSwap::new(pack),
                 store,
                 geo,
             }),
@@ -67,8 +67,8 @@ impl Engine {
     }
 
     /// Puts a new pack in service; requests in flight finish on the old one.
-    pub fn swap_pack(&self, pack: Pack) -> Arc<Pack> {
-        self.shared.pack.swap(Arc::new(pack))
+    pub fn swap_pack(&self, pack: Arc<Pack>) -> Arc<Pack> {
+        self.shared.pack.swap(pack)
     }
 
     pub fn store(&self) -> &Store {

@@ -14,6 +14,7 @@
 //! - [`geo`]: IP -> location.
 //! - [`decision`]: how hits combine.
 //! - [`server`]: wiring a configured engine to a listener.
+//! - [`scenario`]: a pack's own scenario tests (`riskgate test`).
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod geo;
 pub mod model;
 pub mod pack;
+pub mod scenario;
 pub mod server;
 pub mod state;
 

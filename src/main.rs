@@ -41,6 +41,15 @@ enum Command {
         #[arg(default_value = "rules")]
         pack: PathBuf,
     },
+    /// Run a rule pack's scenario tests (PACK/tests/*.toml).
+    Test {
+        /// Rule pack folder.
+        #[arg(default_value = "rules")]
+        pack: PathBuf,
+        /// IP location database [default: geo/demo.csv].
+        #[arg(long, env = "RISKGATE_GEO")]
+        geo: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,6 +92,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Test { pack, geo } => test_pack(&pack, geo.as_deref()),
         Command::Check { pack } => match riskgate::pack::Pack::load(&pack) {
             Ok(p) => {
                 println!(
@@ -103,6 +113,43 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn test_pack(dir: &std::path::Path, geo: Option<&std::path::Path>) -> ExitCode {
+    let pack = match riskgate::pack::Pack::load(dir) {
+        Ok(p) => std::sync::Arc::new(p),
+        Err(e) => {
+            for problem in &e.problems {
+                println!("{problem}");
+            }
+            println!("0 passed, 1 failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    let geo = match riskgate::server::open_geo(geo) {
+        Ok(g) => g,
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
+    };
+    let outcomes = runtime.block_on(riskgate::scenario::run_all(&pack, &geo));
+    if outcomes.is_empty() {
+        println!(
+            "{}: no scenarios in {}",
+            dir.display(),
+            dir.join("tests").display()
+        );
+        return ExitCode::FAILURE;
+    }
+    match riskgate::scenario::report(&outcomes, &mut std::io::stdout()) {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
     }
 }
 

@@ -54,7 +54,7 @@ pub fn build(config: &Config) -> Result<Engine, StartError> {
         geo = %geo.describe(),
         "rule pack loaded"
     );
-    Ok(Engine::new(pack, store, geo))
+    Ok(Engine::new(Arc::new(pack), store, geo))
 }
 
 /// Sweeps idle keys and expired records every `every`, until the engine goes.

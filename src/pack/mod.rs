@@ -141,6 +141,13 @@ impl Pack {
         }
     }
 
+    /// Zeroes the rules' hit counters (after a pack's own scenarios ran on it).
+    pub fn reset_hits(&self) {
+        for rule in &self.rules {
+            rule.hits.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// List membership of one request, and whether it is allow-listed.
     pub fn list_hits(&self, recharge: &Recharge) -> (Vec<bool>, bool) {
         let hits: Vec<bool> = self

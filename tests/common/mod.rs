@@ -52,7 +52,11 @@ pub async fn start_with(pack: &Path, limits: MemoryLimits) -> TestServer {
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("geo/demo.csv"),
     ))
     .expect("demo geo");
-    let engine = Engine::new(pack, Store::Memory(Arc::new(MemoryStore::new(limits))), geo);
+    let engine = Engine::new(
+        Arc::new(pack),
+        Store::Memory(Arc::new(MemoryStore::new(limits))),
+        geo,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
