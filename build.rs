@@ -2,9 +2,14 @@
 //! and writes the descriptor set that server reflection serves.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/riskgate/v1/riskgate.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["proto"])?;
+    let protos = [
+        "proto/riskgate/v1/riskgate.proto",
+        "proto/riskgate/v1/admin.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out.join("riskgate_descriptor.bin"),

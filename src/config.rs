@@ -29,6 +29,23 @@ pub struct Config {
     pub idempotency_ttl: String,
     /// How often idle keys and expired records are swept, e.g. "30s".
     pub sweep_interval: String,
+    /// Address of the RuleAdmin service; unset: no admin service.
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token the admin service requires. Required when `admin_listen`
+    /// is not a loopback address.
+    pub admin_token: Option<String>,
+    /// Reload the pack when its folder changes.
+    pub watch_rules: bool,
+    /// How often the pack folder is checked for changes, e.g. "1s".
+    pub watch_interval: String,
+    /// Write every decision, login and outcome as JSON lines to this file.
+    pub decision_log: Option<PathBuf>,
+    /// Rotate the decision log past this many bytes.
+    pub decision_log_max_bytes: u64,
+    /// Rotated decision log files kept (FILE.1 ... FILE.N).
+    pub decision_log_keep: usize,
+    /// Records that may wait for the log writer before new ones are dropped.
+    pub decision_log_queue: usize,
 }
 
 impl Default for Config {
@@ -42,6 +59,14 @@ impl Default for Config {
             max_idempotency_records: limits.max_idempotency_records,
             idempotency_ttl: "24h".to_string(),
             sweep_interval: "30s".to_string(),
+            admin_listen: None,
+            admin_token: None,
+            watch_rules: true,
+            watch_interval: "1s".to_string(),
+            decision_log: None,
+            decision_log_max_bytes: 256 << 20,
+            decision_log_keep: 5,
+            decision_log_queue: 65_536,
         }
     }
 }
@@ -57,6 +82,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config: {field} `{value}` is not a duration like 30s, 10m, 24h")]
     Duration { field: &'static str, value: String },
+    #[error("config: admin_listen {0} is not a loopback address: set admin_token to expose it")]
+    OpenAdmin(SocketAddr),
 }
 
 impl Config {
@@ -82,6 +109,31 @@ impl Config {
 
     pub fn sweep_interval_ms(&self) -> Result<i64, ConfigError> {
         duration("sweep_interval", &self.sweep_interval)
+    }
+
+    pub fn watch_interval_ms(&self) -> Result<i64, ConfigError> {
+        duration("watch_interval", &self.watch_interval)
+    }
+
+    /// Refuses an admin service on a public interface without a token.
+    pub fn check_admin(&self) -> Result<(), ConfigError> {
+        match self.admin_listen {
+            Some(addr) if !addr.ip().is_loopback() && self.admin_token.is_none() => {
+                Err(ConfigError::OpenAdmin(addr))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn log_config(&self) -> Option<crate::decision_log::LogConfig> {
+        self.decision_log
+            .as_ref()
+            .map(|path| crate::decision_log::LogConfig {
+                path: path.clone(),
+                max_bytes: self.decision_log_max_bytes,
+                keep: self.decision_log_keep,
+                queue: self.decision_log_queue,
+            })
     }
 }
 

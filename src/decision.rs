@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use crate::pack::manifest::Policy;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     Allow,
@@ -27,7 +29,7 @@ impl Action {
 }
 
 /// What one rule reported.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Reason {
     pub rule_id: Arc<str>,
     /// Stable, upper snake case.
@@ -37,7 +39,7 @@ pub struct Reason {
     pub action: Action,
     pub score: i64,
     /// For challenges: what to ask for (sms, captcha, real_name...).
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub challenge: String,
 }
 
@@ -50,7 +52,7 @@ pub enum Lane {
     Shadow,
 }
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Decision {
     pub request_id: String,
     pub action: Action,

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::decision::{combine, Decision};
+use crate::decision_log::{self, DecisionLog, Record};
 use crate::geo::GeoDb;
-use crate::model::{Login, Outcome, Recharge};
+use crate::model::{Login, Outcome, OutcomeKind, Recharge};
 use crate::pack::Pack;
 use crate::state::{fnv1a, Conflict, Settled, Store};
 
@@ -27,6 +28,8 @@ struct Shared {
     pack: ArcSwap<Pack>,
     store: Store,
     geo: GeoDb,
+    /// Where decisions, logins and outcomes are logged, when enabled.
+    log: Option<DecisionLog>,
 }
 
 /// A decision, and whether it is the stored answer to an earlier request.
@@ -51,14 +54,19 @@ pub enum EngineError {
 }
 
 impl Engine {
-    pub fn new(pack: Arc<Pack>, store: Store, geo: GeoDb) -> Engine {
+    pub fn new(pack: Arc<Pack>, store: Store, geo: GeoDb, log: Option<DecisionLog>) -> Engine {
         Engine {
             shared: Arc::new(Shared {
                 pack: ArcSwap::new(pack),
                 store,
                 geo,
+                log,
             }),
         }
+    }
+
+    pub fn decision_log(&self) -> Option<&DecisionLog> {
+        self.shared.log.as_ref()
     }
 
     /// The pack serving now.
@@ -117,12 +125,15 @@ impl Engine {
     }
 
     async fn decide(&self, pack: &Pack, recharge: Recharge, record: bool) -> Settled {
+        let started = std::time::Instant::now();
         let store = &self.shared.store;
         let location = self.shared.geo.lookup(recharge.ip);
         let begun = store
             .begin(&pack.plan, &recharge, location.as_deref(), record)
             .await;
         let (verdict, ctx) = pack.run(pack.context(recharge, location.clone(), begun));
+        // What the rules saw, for the log (only built when the log is on).
+        let seen = self.shared.log.as_ref().map(|_| seen(pack, &ctx));
         let Recharge {
             request_id, facts, ..
         } = ctx.recharge;
@@ -139,6 +150,11 @@ impl Engine {
             store
                 .settle(&pack.plan, &facts, decision.action, location.as_deref())
                 .await;
+        }
+        if let (Some(log), Some(mut seen)) = (&self.shared.log, seen) {
+            seen.decision = decision.clone();
+            seen.latency_us = started.elapsed().as_micros() as u64;
+            log.offer(Record::Evaluate(Box::new(seen)));
         }
         tracing::debug!(
             request_id = %decision.request_id,
@@ -171,6 +187,16 @@ impl Engine {
         store
             .record_login(&pack.plan, &login, location.as_deref())
             .await;
+        if let Some(log) = &self.shared.log {
+            log.offer(Record::Login(decision_log::LoginRecord {
+                event_id: login.event_id,
+                user_id: login.user_id,
+                succeeded: login.succeeded,
+                ip: login.ip_text,
+                device_id: login.device_id,
+                timestamp_ms: login.timestamp_ms,
+            }));
+        }
         Ok(false)
     }
 
@@ -195,7 +221,85 @@ impl Engine {
         store
             .apply_outcome(&pack.plan, settled, outcome.kind, outcome.timestamp_ms)
             .await;
+        if let Some(log) = &self.shared.log {
+            log.offer(Record::Outcome(decision_log::OutcomeRecord {
+                request_id: outcome.request_id,
+                user_id: settled.facts.user_id.clone(),
+                outcome: outcome_name(outcome.kind).to_string(),
+                timestamp_ms: outcome.timestamp_ms,
+            }));
+        }
         Ok(false)
+    }
+}
+
+/// The log's record of what the rules of one request saw.
+fn seen(pack: &Pack, ctx: &crate::pack::script::Ctx) -> decision_log::Evaluation {
+    let r = &ctx.recharge;
+    let f = &r.facts;
+    decision_log::Evaluation {
+        request: decision_log::LoggedRequest {
+            request_id: r.request_id.clone(),
+            user_id: f.user_id.clone(),
+            amount: f.amount,
+            currency: f.currency.clone(),
+            channel: f.channel.clone(),
+            product: f.product.clone(),
+            target: f.target.clone(),
+            ip: f.ip_text.clone(),
+            device_id: f.device_id.clone(),
+            timestamp_ms: f.timestamp_ms,
+            real_name_verified: r.account.real_name_verified,
+            account_status: r.account.status.name().to_string(),
+            created_at_ms: r.account.created_at_ms,
+            has_purchase_history: r.account.has_purchase_history,
+            attributes: r
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            dry_run: r.dry_run,
+        },
+        windows: pack
+            .plan
+            .windows
+            .iter()
+            .zip(&ctx.windows)
+            .map(|(w, v)| (w.name.clone(), *v))
+            .collect(),
+        location: ctx.location.as_ref().map(|l| decision_log::LoggedLocation {
+            country: l.country.clone(),
+            region: l.region.clone(),
+            city: l.city.clone(),
+        }),
+        profile: ctx.profile.clone(),
+        lists: pack
+            .lists
+            .iter()
+            .zip(&ctx.lists)
+            .filter(|(_, on)| **on)
+            .map(|((name, _), _)| name.clone())
+            .collect(),
+        decision: Decision {
+            request_id: String::new(),
+            action: crate::decision::Action::Allow,
+            challenge: String::new(),
+            score: 0,
+            reasons: Vec::new(),
+            shadow_reasons: Vec::new(),
+            ruleset_version: pack.version.clone(),
+        },
+        latency_us: 0,
+    }
+}
+
+pub fn outcome_name(kind: OutcomeKind) -> &'static str {
+    match kind {
+        OutcomeKind::Succeeded => "succeeded",
+        OutcomeKind::Failed => "failed",
+        OutcomeKind::Chargeback => "chargeback",
+        OutcomeKind::ChallengePassed => "challenge_passed",
+        OutcomeKind::ChallengeFailed => "challenge_failed",
     }
 }
 

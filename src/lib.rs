@@ -15,15 +15,20 @@
 //! - [`decision`]: how hits combine.
 //! - [`server`]: wiring a configured engine to a listener.
 //! - [`scenario`]: a pack's own scenario tests (`riskgate test`).
+//! - [`reload`]: hot reload (folder watch, SIGHUP, admin call).
+//! - [`decision_log`]: JSON lines of every decision, off the hot path.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod config;
 pub mod decision;
+pub mod decision_log;
 pub mod engine;
 pub mod geo;
+pub mod loadgen;
 pub mod model;
 pub mod pack;
+pub mod reload;
 pub mod scenario;
 pub mod server;
 pub mod state;

@@ -34,6 +34,18 @@ enum Command {
         /// TOML config file; flags and environment variables override it.
         #[arg(long, env = "RISKGATE_CONFIG")]
         config: Option<PathBuf>,
+        /// Serve the RuleAdmin service on this address [default: off].
+        #[arg(long, env = "RISKGATE_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
+        /// Bearer token the RuleAdmin service requires.
+        #[arg(long, env = "RISKGATE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Write every decision, login and outcome as JSON lines to this file.
+        #[arg(long, env = "RISKGATE_DECISION_LOG")]
+        decision_log: Option<PathBuf>,
+        /// Do not reload the pack when its folder changes (SIGHUP and the admin call still do).
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Load and compile a rule pack as the server would; report every problem.
     Check {
@@ -50,6 +62,8 @@ enum Command {
         #[arg(long, env = "RISKGATE_GEO")]
         geo: Option<PathBuf>,
     },
+    /// Drive Evaluate over gRPC with a realistic traffic mix and report latency percentiles.
+    Loadgen(riskgate::loadgen::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +80,10 @@ fn main() -> ExitCode {
             rules,
             geo,
             config,
+            admin_listen,
+            admin_token,
+            decision_log,
+            no_watch,
         } => {
             let mut cfg = match config.as_deref().map(Config::from_file).transpose() {
                 Ok(c) => c.unwrap_or_default(),
@@ -80,6 +98,18 @@ fn main() -> ExitCode {
             if geo.is_some() {
                 cfg.geo = geo;
             }
+            if admin_listen.is_some() {
+                cfg.admin_listen = admin_listen;
+            }
+            if admin_token.is_some() {
+                cfg.admin_token = admin_token;
+            }
+            if decision_log.is_some() {
+                cfg.decision_log = decision_log;
+            }
+            if no_watch {
+                cfg.watch_rules = false;
+            }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
@@ -93,6 +123,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Test { pack, geo } => test_pack(&pack, geo.as_deref()),
+        Command::Loadgen(args) => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(riskgate::loadgen::main(args)),
+            Err(e) => fail(e),
+        },
         Command::Check { pack } => match riskgate::pack::Pack::load(&pack) {
             Ok(p) => {
                 println!(

@@ -213,7 +213,7 @@ pub async fn run_file(pack: &Arc<Pack>, geo: &GeoDb, file: &Path) -> Outcome {
         outcome.name = scenario.name.clone();
     }
     let store = Store::Memory(Arc::new(MemoryStore::new(Default::default())));
-    let engine = Engine::new(pack.clone(), store, geo.clone());
+    let engine = Engine::new(pack.clone(), store, geo.clone(), None);
     let mut now = EPOCH_MS;
     for (n, step) in scenario.steps.iter().enumerate() {
         if let Err(e) = run_step(

@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError};
+use crate::decision_log::DecisionLog;
 use crate::engine::Engine;
 use crate::geo::{GeoDb, GeoError};
 use crate::pack::{LoadError, Pack};
+use crate::reload::Reloader;
 use crate::state::{MemoryStore, Store};
 
 /// The demo location data, built in so the server runs from any directory.
@@ -30,6 +32,8 @@ pub enum StartError {
     },
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("cannot open the decision log: {0}")]
+    Log(std::io::Error),
 }
 
 /// Opens the configured geo database, or the demo data.
@@ -43,9 +47,15 @@ pub fn open_geo(path: Option<&Path>) -> Result<GeoDb, GeoError> {
 
 /// Builds the engine a config describes.
 pub fn build(config: &Config) -> Result<Engine, StartError> {
+    config.check_admin()?;
     let pack = Pack::load(&config.rules)?;
     let geo = open_geo(config.geo.as_deref())?;
     let store = Store::Memory(Arc::new(MemoryStore::new(config.memory_limits()?)));
+    let log = config
+        .log_config()
+        .map(DecisionLog::open)
+        .transpose()
+        .map_err(StartError::Log)?;
     tracing::info!(
         pack = %pack.dir.display(),
         version = %pack.version,
@@ -54,7 +64,7 @@ pub fn build(config: &Config) -> Result<Engine, StartError> {
         geo = %geo.describe(),
         "rule pack loaded"
     );
-    Ok(Engine::new(Arc::new(pack), store, geo))
+    Ok(Engine::new(Arc::new(pack), store, geo, log))
 }
 
 /// Sweeps idle keys and expired records every `every`, until the engine goes.
@@ -78,20 +88,77 @@ pub fn spawn_sweeper(engine: &Engine, every: Duration) -> tokio::task::JoinHandl
 /// Runs the server until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let engine = build(&config)?;
-    let listener = crate::api::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    let listen = |addr| async move {
+        crate::api::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })
+    };
+    let listener = listen(config.listen).await?;
     let addr = listener.local_addr().unwrap_or(config.listen);
     let sweeper = spawn_sweeper(
         &engine,
         Duration::from_millis(config.sweep_interval_ms()? as u64),
     );
+
+    let reloader = Reloader::new(engine.clone(), config.rules.clone());
+    let mut background = vec![sweeper];
+    if config.watch_rules {
+        let every = Duration::from_millis(config.watch_interval_ms()? as u64);
+        background.push(reloader.spawn_watch(every));
+    }
+    #[cfg(unix)]
+    background.extend(reloader.spawn_sighup());
+
+    // Both listeners stop on the one shutdown signal.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let admin = match config.admin_listen {
+        Some(admin_addr) => {
+            let admin_listener = listen(admin_addr).await?;
+            let admin_addr = admin_listener.local_addr().unwrap_or(admin_addr);
+            tracing::info!(addr = %admin_addr, token = config.admin_token.is_some(), "RuleAdmin serving");
+            let api = crate::api::admin::AdminApi::new(engine.clone(), reloader.clone());
+            Some(tokio::spawn(crate::api::serve_admin(
+                api,
+                config.admin_token.clone(),
+                admin_listener,
+                stopped(),
+            )))
+        }
+        None => None,
+    };
+
     tracing::info!(%addr, "riskgate serving RiskEngine (health, reflection on)");
-    let served = crate::api::serve(engine, listener, shutdown).await;
-    sweeper.abort();
+    let serve = crate::api::serve(engine.clone(), listener, stopped());
+    tokio::pin!(serve);
+    let served = tokio::select! {
+        served = &mut serve => served,
+        _ = shutdown => {
+            let _ = stop_tx.send(true);
+            serve.await
+        }
+    };
+    // However serving ended, the admin listener ends with it.
+    let _ = stop_tx.send(true);
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    for task in background {
+        task.abort();
+    }
+    if let Some(log) = engine.decision_log() {
+        log.close();
+        tracing::info!(
+            written = log.written(),
+            dropped = log.dropped(),
+            "decision log closed"
+        );
+    }
     tracing::info!("riskgate stopped");
     Ok(served?)
 }

@@ -2,6 +2,7 @@
 //! reflection. Decoding and validation happen here, and so does the mapping
 //! of engine errors to status codes (in one place: [`status`]).
 
+pub mod admin;
 pub mod validate;
 
 use std::future::Future;
@@ -131,6 +132,24 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(RiskEngineServer::new(Api::new(engine)))
         .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// Serves RuleAdmin (and reflection) on its own listener until `shutdown`.
+pub async fn serve_admin(
+    api: admin::AdminApi,
+    token: Option<String>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::DESCRIPTOR)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    tonic::transport::Server::builder()
+        .add_service(reflection)
+        .add_service(admin::service(api, token))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await
 }
 

@@ -96,11 +96,18 @@ pub struct Rule {
     pub on_error: OnError,
     ast: AST,
     hits: AtomicU64,
+    errors: AtomicU64,
 }
 
 impl Rule {
+    /// Decisions this rule fired in (errors included).
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Decisions in which this rule failed.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 }
 
@@ -110,6 +117,8 @@ pub struct Pack {
     pub name: String,
     /// Content hash of the manifest, scripts and lists.
     pub version: Arc<str>,
+    /// When it was loaded, Unix ms.
+    pub loaded_at_ms: i64,
     pub policy: Policy,
     pub leniency: Option<Leniency>,
     pub plan: WindowPlan,
@@ -145,6 +154,7 @@ impl Pack {
     pub fn reset_hits(&self) {
         for rule in &self.rules {
             rule.hits.store(0, Ordering::Relaxed);
+            rule.errors.store(0, Ordering::Relaxed);
         }
     }
 
@@ -211,6 +221,7 @@ impl Pack {
                     Ok((reason, true)) => verdict.shadow_reasons.push(reason),
                     Ok((reason, false)) => verdict.reasons.push(reason),
                     Err(error) => {
+                        rule.errors.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(rule = %rule.id, %error, "rule failed");
                         let reason = rule_error(rule, &error);
                         if rule.mode == Mode::Shadow {
@@ -594,6 +605,7 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
                 on_error: def.on_error.unwrap_or(manifest.policy.on_error),
                 ast,
                 hits: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
             }),
             Err(p) => problems.push(p),
         }
@@ -613,6 +625,7 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
         dir: dir.to_path_buf(),
         name: manifest.pack.name.clone(),
         version,
+        loaded_at_ms: crate::now_ms(),
         policy: manifest.policy,
         leniency,
         plan,

@@ -12,7 +12,7 @@ use crate::geo::{distance_km, Location};
 pub const RECENT: usize = 32;
 
 /// What rules see of a profile, as of one request.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProfileView {
     /// Located events within the profile span (before this request).
     pub located_events: i64,

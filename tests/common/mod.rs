@@ -47,6 +47,15 @@ pub async fn start() -> TestServer {
 }
 
 pub async fn start_with(pack: &Path, limits: MemoryLimits) -> TestServer {
+    start_logged(pack, limits, None).await
+}
+
+/// A server that writes its decision log through `log`.
+pub async fn start_logged(
+    pack: &Path,
+    limits: MemoryLimits,
+    log: Option<riskgate::decision_log::DecisionLog>,
+) -> TestServer {
     let pack = riskgate::pack::Pack::load(pack).unwrap_or_else(|e| panic!("{e}"));
     let geo = riskgate::server::open_geo(Some(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("geo/demo.csv"),
@@ -56,6 +65,7 @@ pub async fn start_with(pack: &Path, limits: MemoryLimits) -> TestServer {
         Arc::new(pack),
         Store::Memory(Arc::new(MemoryStore::new(limits))),
         geo,
+        log,
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
