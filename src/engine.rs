@@ -147,8 +147,24 @@ impl Engine {
             pack.version.clone(),
         );
         if record {
+            // An allow teaches the profile its region, unless a location
+            // anomaly was only let through by leniency: one small probe
+            // must not make a new region "usual" for large amounts.
+            let anomaly = pack.leniency.as_ref().is_some_and(|l| {
+                decision
+                    .shadow_reasons
+                    .iter()
+                    .any(|r| l.demote.contains(&r.code))
+            });
+            let learn = decision.action == crate::decision::Action::Allow && !anomaly;
             store
-                .settle(&pack.plan, &facts, decision.action, location.as_deref())
+                .settle(
+                    &pack.plan,
+                    &facts,
+                    decision.action,
+                    learn,
+                    location.as_deref(),
+                )
                 .await;
         }
         if let (Some(log), Some(mut seen)) = (&self.shared.log, seen) {

@@ -17,6 +17,7 @@
 //! - [`scenario`]: a pack's own scenario tests (`riskgate test`).
 //! - [`reload`]: hot reload (folder watch, SIGHUP, admin call).
 //! - [`decision_log`]: JSON lines of every decision, off the hot path.
+//! - [`replay`]: backtests a candidate pack on a decision log.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -29,6 +30,7 @@ pub mod loadgen;
 pub mod model;
 pub mod pack;
 pub mod reload;
+pub mod replay;
 pub mod scenario;
 pub mod server;
 pub mod state;

@@ -53,6 +53,27 @@ enum Command {
         #[arg(default_value = "rules")]
         pack: PathBuf,
     },
+    /// Backtest a candidate pack on a decision log.
+    Replay {
+        /// Decision log file(s) (repeat for rotated files).
+        #[arg(long = "log", required = true)]
+        logs: Vec<PathBuf>,
+        /// The candidate pack.
+        #[arg(long)]
+        pack: PathBuf,
+        /// A baseline pack [default: the decisions recorded in the log].
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// IP location database [default: geo/demo.csv].
+        #[arg(long, env = "RISKGATE_GEO")]
+        geo: Option<PathBuf>,
+        /// How many changed requests to list.
+        #[arg(long, default_value_t = 20)]
+        show: usize,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a rule pack's scenario tests (PACK/tests/*.toml).
     Test {
         /// Rule pack folder.
@@ -72,6 +93,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -123,6 +145,22 @@ fn main() -> ExitCode {
             }
         }
         Command::Test { pack, geo } => test_pack(&pack, geo.as_deref()),
+        Command::Replay {
+            logs,
+            pack,
+            baseline,
+            geo,
+            show,
+            json,
+        } => {
+            let options = riskgate::replay::Options {
+                logs,
+                pack,
+                baseline,
+                show,
+            };
+            replay(&options, geo.as_deref(), json)
+        }
         Command::Loadgen(args) => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(riskgate::loadgen::main(args)),
             Err(e) => fail(e),
@@ -184,6 +222,38 @@ fn test_pack(dir: &std::path::Path, geo: Option<&std::path::Path>) -> ExitCode {
     match riskgate::scenario::report(&outcomes, &mut std::io::stdout()) {
         0 => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
+    }
+}
+
+fn replay(
+    options: &riskgate::replay::Options,
+    geo: Option<&std::path::Path>,
+    json: bool,
+) -> ExitCode {
+    let geo = match riskgate::server::open_geo(geo) {
+        Ok(g) => g,
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
+    };
+    match runtime.block_on(riskgate::replay::run(options, &geo)) {
+        Ok(summary) if json => match serde_json::to_string_pretty(&summary) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Ok(summary) => {
+            print!("{}", summary.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 

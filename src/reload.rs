@@ -121,7 +121,9 @@ impl Reloader {
             }
         }
         let mut stats = self.inner.stats.lock().unwrap_or_else(|e| e.into_inner());
-        if result.ok && !result.unchanged {
+        if result.unchanged {
+            tracing::info!(trigger, version = %result.version, "rule pack unchanged");
+        } else if result.ok {
             stats.reloads += 1;
             stats.last_error.clear();
             tracing::info!(trigger, from = %result.previous_version, to = %result.version, "rule pack reloaded");

@@ -35,7 +35,6 @@ use serde::Deserialize;
 use crate::api::validate;
 use crate::engine::Engine;
 use crate::geo::GeoDb;
-use crate::pack::manifest::parse_span;
 use crate::pack::Pack;
 use crate::pb;
 use crate::state::{MemoryStore, Store};
@@ -144,6 +143,19 @@ pub struct Expect {
     /// What a challenge asks for.
     pub challenge: Option<String>,
     pub replayed: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scenario_times() {
+        assert_eq!(super::span("0m"), Ok(0));
+        assert_eq!(super::span("10h05m"), Ok(36_300_000));
+        assert_eq!(super::span("90s"), Ok(90_000));
+        assert_eq!(super::span("2d3h"), Ok(183_600_000));
+        assert!(super::span("10 minutes").is_err());
+        assert!(super::span("").is_err());
+    }
 }
 
 /// The result of one scenario.
@@ -330,11 +342,38 @@ async fn run_step(
     Ok(())
 }
 
+/// A scenario time: "0m", "90s", "10h05m", "2d3h" (units ms, s, m, h, d).
 fn span(text: &str) -> Result<i64, String> {
-    if text.trim() == "0" || text.trim() == "0s" {
-        return Ok(0);
+    let bad = || format!("`{text}` is not a duration like 0s, 90s, 10m, 10h05m");
+    let mut total = 0i64;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
     }
-    parse_span(text).ok_or_else(|| format!("`{text}` is not a duration like 90s, 10m, 2h"))
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit_len = rest[digits..]
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len() - digits);
+        let (n, unit) = (&rest[..digits], &rest[digits..digits + unit_len]);
+        let n: i64 = n.parse().map_err(|_| bad())?;
+        let ms = match unit {
+            "ms" => 1,
+            "s" | "" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        total = n
+            .checked_mul(ms)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+        rest = &rest[digits + unit_len..];
+    }
+    Ok(total)
 }
 
 /// "+1h05m30s" since the scenario began.

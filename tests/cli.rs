@@ -8,6 +8,17 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_riskgate");
 
+/// Kills a spawned server when a test fails half-way, so no orphan keeps
+/// the test harness's pipes open.
+struct Reaper(std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -104,10 +115,13 @@ fn serve_starts_on_the_shipped_pack_and_stops_on_sigterm() {
         .args(["serve", "--listen", "127.0.0.1:0"])
         .current_dir(repo())
         .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    let mut reaper = Reaper(child);
+    let child = &mut reaper.0;
     let mut lines = BufReader::new(stderr).lines();
     let serving = lines
         .by_ref()
@@ -151,4 +165,131 @@ fn serve_refuses_a_broken_pack_with_positions() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("r.rhai:1:"), "{stderr}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn test_passes_the_shipped_scenarios() {
+    let out = Command::new(BIN)
+        .args(["test", "rules"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let last = stdout.lines().last().unwrap();
+    assert!(last.ends_with(" passed, 0 failed"), "{stdout}");
+    // Every shipped rule has a scenario file of its own.
+    let manifest = std::fs::read_to_string(repo().join("rules/pack.toml")).unwrap();
+    for id in manifest.lines().filter_map(|l| l.strip_prefix("id = \"")) {
+        let id = id.trim_end_matches('"');
+        assert!(
+            repo().join(format!("rules/tests/{id}.toml")).is_file(),
+            "no scenario for {id}"
+        );
+        assert!(
+            stdout.contains(&format!("ok   {id}.toml")),
+            "{id}: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn test_fails_a_wrong_expectation_with_a_readable_diff() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&repo().join("rules"), dir.path());
+    std::fs::write(
+        dir.path().join("tests/wrong.toml"),
+        "name = \"a deliberately wrong expectation\"\n\
+         [[steps]]\nat = \"0s\"\nevaluate = { id = \"big\", yuan = 5000, real_name_verified = false }\n\
+         expect = { action = \"allow\", codes = [] }\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("test")
+        .arg(dir.path())
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    for expected in [
+        "FAIL wrong.toml: a deliberately wrong expectation",
+        "step 1 (at +0h00m00s, evaluate big):",
+        "action:    expected allow, got block",
+        "codes:     expected [], got [\"REAL_NAME_REQUIRED\"]",
+        " passed, 1 failed",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing `{expected}` in:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn sighup_reloads_the_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&repo().join("rules"), dir.path());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-watch", "--rules"])
+        .arg(dir.path())
+        .current_dir(repo())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let mut reaper = Reaper(child);
+    let child = &mut reaper.0;
+    assert!(lines.by_ref().any(|l| l.contains("serving")));
+    let manifest = std::fs::read_to_string(dir.path().join("pack.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("pack.toml"),
+        manifest.replace("max_travel_kmh = 1000 ", "max_travel_kmh = 1001 "),
+    )
+    .unwrap();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let reloaded = lines
+        .by_ref()
+        .find(|l| l.contains("rule pack reloaded"))
+        .expect("reload logged");
+    assert!(reloaded.contains("trigger=\"sighup\""), "{reloaded}");
+    // A broken pack on SIGHUP is refused, and the server keeps running.
+    std::fs::write(dir.path().join("duplicate.rhai"), "if {").unwrap();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let refused = lines
+        .by_ref()
+        .find(|l| l.contains("rule pack refused"))
+        .expect("refusal logged");
+    assert!(refused.contains("duplicate.rhai:1:"), "{refused}");
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(child.wait().unwrap().success());
 }

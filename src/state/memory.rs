@@ -196,11 +196,14 @@ impl MemoryStore {
         }
     }
 
+    /// `learn`: the request may teach the user's profile its region (an
+    /// allow with no location anomaly behind it).
     pub fn settle(
         &self,
         plan: &WindowPlan,
         facts: &Facts,
         action: Action,
+        learn: bool,
         location: Option<&Location>,
     ) {
         if action == Action::Block {
@@ -210,7 +213,7 @@ impl MemoryStore {
             let ts = facts.timestamp_ms;
             self.profiles.update(&facts.user_id, |p| {
                 p.saw(ts, loc);
-                if action == Action::Allow {
+                if learn {
                     p.learn(ts, loc);
                 }
             });
@@ -258,6 +261,15 @@ impl MemoryStore {
         };
         if release {
             self.release(plan, facts);
+        }
+        // A challenge outcome of a request that was never challenged is a
+        // caller's mistake: it must not count against the user.
+        let challenge_kind = matches!(
+            kind,
+            OutcomeKind::ChallengeFailed | OutcomeKind::ChallengePassed
+        );
+        if challenge_kind && decided != Action::Challenge {
+            return;
         }
         if let Some(want) = Counts::of_outcome(kind) {
             let at = Facts {
@@ -414,6 +426,9 @@ fn group_key(group: &super::KeyGroup, facts: &Facts, key: &mut String) -> bool {
     true
 }
 
+/// Shards per map (a power of two).
+const SHARDS: usize = 512;
+
 /// A dashmap with a cap on entries, evicting the least recently used.
 ///
 /// Recency is a global counter stamped on every touch. When an insert takes
@@ -439,7 +454,11 @@ struct Stamped<V> {
 impl<V: Default> Bounded<V> {
     fn new(cap: usize) -> Bounded<V> {
         Bounded {
-            map: DashMap::new(),
+            // Many small shards: the sweeper and the evictor lock one shard at
+            // a time, so a request waits at most for one small shard's walk
+            // (the default, a few shards per core, stalled requests for tens
+            // of milliseconds at a few hundred thousand keys).
+            map: DashMap::with_shard_amount(SHARDS),
             len: AtomicUsize::new(0),
             cap: cap.max(1),
             clock: AtomicU64::new(0),

@@ -151,17 +151,18 @@ impl Store {
         }
     }
 
-    /// Settles a decided request: releases reservations of a block, learns the
-    /// user's region from an allow.
+    /// Settles a decided request: releases reservations of a block, and,
+    /// when `learn`, teaches the user's profile the request's region.
     pub async fn settle(
         &self,
         plan: &WindowPlan,
         facts: &Facts,
         action: Action,
+        learn: bool,
         location: Option<&Location>,
     ) {
         match self {
-            Store::Memory(m) => m.settle(plan, facts, action, location),
+            Store::Memory(m) => m.settle(plan, facts, action, learn, location),
         }
     }
 

@@ -1,0 +1,1090 @@
+//! `riskgate loadgen`: drives `Evaluate` over gRPC with a realistic traffic
+//! mix and reports throughput, the decision mix and latency percentiles.
+//!
+//! Two ways to load a server, because they answer different questions:
+//!
+//! - **Closed loop** (default): `--connections` HTTP/2 connections, each with
+//!   `--streams` workers that send the next request when the previous answer
+//!   arrives. It finds the throughput ceiling, but a stalled server also
+//!   stalls the load, so the stall shows up in one sample per worker.
+//! - **Open loop** (`--rate`): requests leave on a fixed schedule whatever the
+//!   server does, as real users' do, and latency is measured from the
+//!   *intended* send time. A 200 ms stall then counts against every request
+//!   that should have gone out during it: no coordinated omission.
+//!
+//! The mix is built against the shipped pack and `geo/demo.csv` so the rules
+//! really fire: bursts hit BURST_FREQUENCY, unverified large amounts
+//! REAL_NAME_REQUIRED, resubmissions DUPLICATE_SUSPECTED, travellers
+//! LOCATION_UNUSUAL. On the hot path every worker owns its histogram and
+//! counters (merged at the end); the progress line reads relaxed atomics.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::net::Ipv6Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::pb;
+use crate::pb::risk_engine_client::RiskEngineClient;
+
+/// Drive Evaluate over gRPC with a realistic traffic mix and report latency percentiles.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Server address: http://host:port, or host:port (plaintext gRPC).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Share of regular users: 10-300 yuan from their own device and home address.
+    #[arg(long, value_name = "SHARE", default_value_t = 70)]
+    pub regular: u32,
+    /// Share of bursts: one user firing 6-8 orders of 500-2,000 yuan back to back.
+    #[arg(long, value_name = "SHARE", default_value_t = 5)]
+    pub burst: u32,
+    /// Share of travellers: three orders at home, then alternating between two far cities.
+    #[arg(long, value_name = "SHARE", default_value_t = 5)]
+    pub traveller: u32,
+    /// Share of duplicates: the last regular order again (user, target, amount), new id, other channel.
+    #[arg(long, value_name = "SHARE", default_value_t = 5)]
+    pub duplicate: u32,
+    /// Share of unverified (no real name) accounts paying 3,000-6,000 yuan.
+    #[arg(long, value_name = "SHARE", default_value_t = 5)]
+    pub unverified_large: u32,
+    /// Share of known users on a never-seen device id.
+    #[arg(long, value_name = "SHARE", default_value_t = 10)]
+    pub new_device: u32,
+    /// Size of the user population. Windows are per user: with few users a long
+    /// run drifts into daily-limit and duplicate challenges; raise it, or use --dry-run.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub users: u64,
+    /// Seed of the traffic generator: the same seed draws the same sequence of users
+    /// and orders (ids are fresh each run, so runs against one server do not mix).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub seed: u64,
+    /// HTTP/2 connections to open.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub connections: usize,
+    /// Closed loop: concurrent requests per connection, each sent when the previous answer arrives.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub streams: usize,
+    /// Open loop: requests per second in total, sent on schedule whatever the server does.
+    #[arg(long, value_name = "RPS")]
+    pub rate: Option<f64>,
+    /// Measured time, e.g. 30s, 2m, 500ms [default: 10s unless --requests is given].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after this many measured requests.
+    #[arg(long, value_name = "N")]
+    pub requests: Option<u64>,
+    /// Unmeasured time first, so connections, caches and the allocator settle.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    pub warmup: Duration,
+    /// Deadline of each request.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    pub timeout: Duration,
+    /// Open loop: most requests in flight; a send waiting for room is late, and counted.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_in_flight: usize,
+    /// Set dry_run on every request, so a long run does not fill the server's state
+    /// (windows then see only the request itself: bursts and duplicates no longer fire).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    #[error("--addr {addr:?}: {reason}")]
+    BadAddr { addr: String, reason: String },
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{0}")]
+    BadArgs(String),
+}
+
+/// The outcome of a run (`--json`); its field names are stable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub mode: Mode,
+    pub addr: String,
+    /// Open loop: the target rate; null in closed loop.
+    pub rate: Option<f64>,
+    pub connections: usize,
+    /// Closed loop: workers per connection; 0 in open loop.
+    pub streams: usize,
+    pub seed: u64,
+    /// Measured requests, answered or failed.
+    pub requests: u64,
+    pub errors: u64,
+    /// Failures by gRPC code (UPPER_SNAKE name).
+    pub errors_by_code: BTreeMap<String, u64>,
+    /// From the end of the warm-up to the last measured answer.
+    pub duration_s: f64,
+    /// Measured requests per second of `duration_s`: what the server kept up
+    /// with, which in an overloaded open loop is below `rate`.
+    pub rps: f64,
+    /// Open loop: sends more than 1 ms behind their intended time.
+    pub late: u64,
+    pub mix: Mix,
+    /// Enforcing reason codes over all decisions (a decision may carry several).
+    pub reasons: BTreeMap<String, u64>,
+    pub latency_us: Latency,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Closed,
+    Open,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mix {
+    pub allow: u64,
+    pub challenge: u64,
+    pub block: u64,
+}
+
+/// Microseconds, answered and failed requests alike (a timeout is latency too).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+/// Runs the load described by `args` and returns its report; progress goes to stderr.
+pub async fn run(args: &Args) -> Result<Report, LoadgenError> {
+    run_until(args, Arc::new(AtomicBool::new(false))).await
+}
+
+/// The `riskgate loadgen` command: run, print, and fail when nothing got through.
+pub async fn main(args: Args) -> ExitCode {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // Ctrl-C ends the run early and still reports what was measured.
+    let ctrl_c = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            flag.store(true, Relaxed);
+        }
+    });
+    let result = run_until(&args, stop).await;
+    ctrl_c.abort();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("riskgate loadgen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let table = table(&report);
+    let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+    if args.json {
+        eprint!("{table}");
+        println!("{json}");
+    } else {
+        print!("{table}");
+    }
+    if let Some(path) = &args.json_out {
+        if let Err(e) = std::fs::write(path, format!("{json}\n")) {
+            eprintln!("riskgate loadgen: --json-out {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.requests == 0 || report.errors == report.requests {
+        eprintln!("riskgate loadgen: no request succeeded");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// "10s", "1.5s", "500ms", "2m", "1h"; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let scale = match unit {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit (use ms, s, m or h)")),
+    };
+    match num.parse::<f64>() {
+        Ok(n) if n.is_finite() && n >= 0.0 && n * scale < 1e9 => {
+            Ok(Duration::from_secs_f64(n * scale))
+        }
+        _ => Err(format!("{s:?} is not a duration like 10s, 500ms or 2m")),
+    }
+}
+
+const MAX_US: u64 = 60_000_000;
+const LATE: Duration = Duration::from_millis(1);
+/// The resolution of tokio's timer.
+const TICK: Duration = Duration::from_millis(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// gRPC status names by code, then one slot for answers with no known action.
+#[rustfmt::skip]
+const CODES: [&str; 18] = [
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "UNAUTHENTICATED", "UNSPECIFIED_ACTION",
+];
+
+/// What every worker shares: the schedule, the stop conditions, progress.
+struct Plan {
+    start: Instant,
+    measure_start: Instant,
+    end: Option<Instant>,
+    limit: Option<u64>,
+    claimed: AtomicU64,
+    stop: Arc<AtomicBool>,
+    progress: Progress,
+    rate: f64,
+    connections: u64,
+    /// Open loop: send `g` leaves at start + g / rate; [warmup_index, stop_index) are measured.
+    warmup_index: u64,
+    stop_index: u64,
+}
+
+impl Plan {
+    fn stopped(&self) -> bool {
+        self.stop.load(Relaxed)
+    }
+}
+
+async fn run_until(args: &Args, stop: Arc<AtomicBool>) -> Result<Report, LoadgenError> {
+    let bad = |m: &str| Err(LoadgenError::BadArgs(m.to_string()));
+    let mix = [
+        args.regular,
+        args.burst,
+        args.traveller,
+        args.duplicate,
+        args.unverified_large,
+        args.new_device,
+    ];
+    if mix.iter().all(|&s| s == 0) {
+        return bad(
+            "every traffic share is 0: give at least one of --regular, --burst, ... a share",
+        );
+    }
+    if args.users == 0 || args.connections == 0 || args.streams == 0 || args.max_in_flight == 0 {
+        return bad("--users, --connections, --streams and --max-in-flight must be at least 1");
+    }
+    if args.requests == Some(0) || args.duration == Some(Duration::ZERO) || args.timeout.is_zero() {
+        return bad("--requests, --duration and --timeout must be more than 0");
+    }
+    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return bad("--rate must be a number of requests per second above 0");
+    }
+    let (addr, endpoint) = endpoint(&args.addr, args.timeout)?;
+    let mut clients = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| LoadgenError::Connect {
+                addr: addr.clone(),
+                reason: error_chain(&e),
+            })?;
+        clients.push(RiskEngineClient::new(channel));
+    }
+
+    let duration = args
+        .duration
+        .or(args.requests.is_none().then_some(Duration::from_secs(10)));
+    let rate = args.rate.unwrap_or(0.0);
+    let warmup_index = (args.warmup.as_secs_f64() * rate).ceil() as u64;
+    let measured = duration.map_or(u64::MAX, |d| (d.as_secs_f64() * rate).round() as u64);
+    let start = Instant::now();
+    let measure_start = start + args.warmup;
+    let plan = Arc::new(Plan {
+        start,
+        measure_start,
+        end: duration.map(|d| measure_start + d),
+        limit: args.requests,
+        claimed: AtomicU64::new(0),
+        stop,
+        progress: Progress::new(),
+        rate,
+        connections: args.connections as u64,
+        warmup_index,
+        stop_index: warmup_index.saturating_add(measured.min(args.requests.unwrap_or(u64::MAX))),
+    });
+    if !args.warmup.is_zero() {
+        eprintln!("riskgate loadgen: warming up for {:?}", args.warmup);
+    }
+    let progress = tokio::spawn(print_progress(plan.clone()));
+    let run_id = format!(
+        "{:08x}",
+        Rng(args.seed ^ crate::now_ms() as u64).next() as u32
+    );
+    let mut workers = JoinSet::new();
+    let in_flight = Arc::new(Semaphore::new(
+        args.max_in_flight.min(Semaphore::MAX_PERMITS),
+    ));
+    for (c, client) in clients.into_iter().enumerate() {
+        if args.rate.is_some() {
+            let traffic = Traffic::new(args, &run_id, c);
+            workers.spawn(open_connection(
+                c as u64,
+                client,
+                traffic,
+                plan.clone(),
+                in_flight.clone(),
+            ));
+        } else {
+            for s in 0..args.streams {
+                let traffic = Traffic::new(args, &run_id, c * args.streams + s);
+                workers.spawn(closed_worker(client.clone(), traffic, plan.clone()));
+            }
+        }
+    }
+    let mut total = Tally::new();
+    while let Some(tally) = workers.join_next().await {
+        match tally {
+            Ok(t) => total.merge(t),
+            Err(_) => {
+                // A worker cannot panic short of a bug; count it, keep the rest.
+                total.requests += 1;
+                total.errors[tonic::Code::Unknown as usize] += 1;
+            }
+        }
+    }
+    progress.abort();
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    Ok(total.report(args, addr, measure_start))
+}
+
+/// `host:port` gets `http://`; anything but plaintext http is refused up front.
+fn endpoint(addr: &str, timeout: Duration) -> Result<(String, Endpoint), LoadgenError> {
+    let bad = |reason: &str| LoadgenError::BadAddr {
+        addr: addr.to_string(),
+        reason: reason.to_string(),
+    };
+    let trimmed = addr.trim();
+    let uri = if trimmed.contains("://") {
+        trimmed.to_string()
+    } else {
+        format!("http://{trimmed}")
+    };
+    if !uri.starts_with("http://") {
+        return Err(bad(
+            "only plaintext http:// is supported (riskgate serves plaintext gRPC)",
+        ));
+    }
+    let endpoint =
+        Endpoint::from_shared(uri.clone()).map_err(|e| bad(&format!("not a URI ({e})")))?;
+    if endpoint.uri().host().is_none_or(str::is_empty) {
+        return Err(bad("no host; expected host:port or http://host:port"));
+    }
+    Ok((
+        uri,
+        endpoint
+            .timeout(timeout)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            // Every request that times out resets its stream; past 1,024 such
+            // resets h2 closes the connection, and an overloaded run would turn
+            // its deadline errors into a cascade of failed connections.
+            .http2_max_local_error_reset_streams(None),
+    ))
+}
+
+/// tonic's transport error says only "transport error"; the cause is in its sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+type Answer = Result<pb::Decision, tonic::Code>;
+
+/// One call. tonic reports its own client-side deadline (`--timeout`) as
+/// CANCELLED "Timeout expired"; it is a deadline, so it is counted as one.
+async fn evaluate(client: &mut RiskEngineClient<Channel>, req: pb::EvaluateRequest) -> Answer {
+    match client.evaluate(req).await {
+        Ok(reply) => Ok(reply.into_inner()),
+        Err(s) if s.code() == tonic::Code::Cancelled && s.message() == "Timeout expired" => {
+            Err(tonic::Code::DeadlineExceeded)
+        }
+        Err(s) => Err(s.code()),
+    }
+}
+
+/// Closed loop: one request at a time, the next as soon as the answer is in.
+async fn closed_worker(
+    mut client: RiskEngineClient<Channel>,
+    mut traffic: Traffic,
+    plan: Arc<Plan>,
+) -> Tally {
+    let mut tally = Tally::new();
+    while Instant::now() < plan.measure_start && !plan.stopped() {
+        let _ = evaluate(&mut client, traffic.next()).await;
+    }
+    loop {
+        if plan.stopped() || plan.end.is_some_and(|end| Instant::now() >= end) {
+            break;
+        }
+        if plan
+            .limit
+            .is_some_and(|n| plan.claimed.fetch_add(1, Relaxed) >= n)
+        {
+            break;
+        }
+        let req = traffic.next();
+        let sent = Instant::now();
+        let answer = evaluate(&mut client, req).await;
+        let done = Instant::now();
+        tally.record(done - sent, done, answer, &plan.progress);
+    }
+    tally
+}
+
+/// Open loop, one connection: send `g` is due at `start + g / rate` for every
+/// `g` of this connection (`g % connections == conn`). It is spawned when due,
+/// not when an earlier answer arrives, and timed from when it was due, so time
+/// lost in this scheduler, waiting for room or in the server counts alike.
+///
+/// tokio's timer ticks in milliseconds and rounds deadlines up, so waiting for
+/// `due` itself would add up to 1 ms to every sample. The scheduler wakes up to
+/// [`TICK`] early instead, and a request sent before its due time is timed from
+/// its actual send: latency runs from the earlier of the two, never less than
+/// the server really took, never hiding that the sender fell behind.
+async fn open_connection(
+    conn: u64,
+    client: RiskEngineClient<Channel>,
+    mut traffic: Traffic,
+    plan: Arc<Plan>,
+    in_flight: Arc<Semaphore>,
+) -> Tally {
+    let mut tally = Tally::new();
+    let mut pending = JoinSet::new();
+    let mut g = conn;
+    while g < plan.stop_index && !plan.stopped() {
+        let due = plan.start + Duration::from_secs_f64(g as f64 / plan.rate);
+        if due > Instant::now() + TICK {
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(due - TICK) => {}
+                Some(done) = pending.join_next() => {
+                    tally.absorb(done, &plan.progress);
+                    continue;
+                }
+            }
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let measured = g >= plan.warmup_index;
+        if measured && Instant::now().saturating_duration_since(due) > LATE {
+            tally.late += 1;
+        }
+        let req = traffic.next();
+        let mut client = client.clone();
+        pending.spawn(async move {
+            let sent = Instant::now();
+            let answer = evaluate(&mut client, req).await;
+            drop(permit);
+            (due.min(sent), Instant::now(), measured, answer)
+        });
+        g += plan.connections;
+        // A sender that never sleeps (overload) must still take in answers,
+        // or they pile up in memory and the progress line stalls.
+        while let Some(done) = pending.try_join_next() {
+            tally.absorb(done, &plan.progress);
+        }
+    }
+    while let Some(done) = pending.join_next().await {
+        tally.absorb(done, &plan.progress);
+    }
+    tally
+}
+
+/// One worker's counts: owned, so the hot path takes no lock.
+struct Tally {
+    hist: Histogram<u64>,
+    requests: u64,
+    errors: [u64; CODES.len()],
+    mix: Mix,
+    reasons: HashMap<String, u64>,
+    late: u64,
+    last_done: Option<Instant>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            // Constant, valid bounds: 1 us to 60 s at 3 significant digits.
+            hist: Histogram::new_with_bounds(1, MAX_US, 3).expect("valid histogram bounds"),
+            requests: 0,
+            errors: [0; CODES.len()],
+            mix: Mix::default(),
+            reasons: HashMap::new(),
+            late: 0,
+            last_done: None,
+        }
+    }
+
+    fn record(&mut self, latency: Duration, done: Instant, answer: Answer, progress: &Progress) {
+        let us = (latency.as_micros().min(MAX_US as u128) as u64).max(1);
+        self.hist.saturating_record(us);
+        self.requests += 1;
+        self.last_done = self.last_done.max(Some(done));
+        let failed = match answer {
+            Ok(d) => {
+                match pb::Action::try_from(d.action) {
+                    Ok(pb::Action::Allow) => self.mix.allow += 1,
+                    Ok(pb::Action::Challenge) => self.mix.challenge += 1,
+                    Ok(pb::Action::Block) => self.mix.block += 1,
+                    _ => self.errors[CODES.len() - 1] += 1,
+                }
+                for r in d.reasons {
+                    *self.reasons.entry(r.code).or_default() += 1;
+                }
+                false
+            }
+            Err(code) => {
+                self.errors[(code as usize).min(CODES.len() - 2)] += 1;
+                true
+            }
+        };
+        progress.add(us, failed);
+    }
+
+    fn absorb(
+        &mut self,
+        done: Result<(Instant, Instant, bool, Answer), tokio::task::JoinError>,
+        p: &Progress,
+    ) {
+        match done {
+            Ok((from, at, true, answer)) => self.record(at - from, at, answer, p),
+            Ok(_) => {} // warm-up
+            Err(_) => self.record(Duration::ZERO, Instant::now(), Err(tonic::Code::Unknown), p),
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.hist.add(&other.hist);
+        self.requests += other.requests;
+        for (a, b) in self.errors.iter_mut().zip(other.errors) {
+            *a += b;
+        }
+        self.mix.allow += other.mix.allow;
+        self.mix.challenge += other.mix.challenge;
+        self.mix.block += other.mix.block;
+        for (code, n) in other.reasons {
+            *self.reasons.entry(code).or_default() += n;
+        }
+        self.late += other.late;
+        self.last_done = self.last_done.max(other.last_done);
+    }
+
+    fn report(self, args: &Args, addr: String, measure_start: Instant) -> Report {
+        let end = self.last_done.unwrap_or_else(Instant::now);
+        let duration_s = round(
+            end.saturating_duration_since(measure_start).as_secs_f64(),
+            6,
+        );
+        let h = &self.hist;
+        let latency_us = if h.is_empty() {
+            Latency::default()
+        } else {
+            Latency {
+                p50: h.value_at_quantile(0.5),
+                p90: h.value_at_quantile(0.9),
+                p99: h.value_at_quantile(0.99),
+                p999: h.value_at_quantile(0.999),
+                max: h.max(),
+                mean: round(h.mean(), 1),
+            }
+        };
+        let errors_by_code: BTreeMap<String, u64> = CODES
+            .iter()
+            .zip(self.errors)
+            .filter(|(_, n)| *n > 0)
+            .map(|(c, n)| (c.to_string(), n))
+            .collect();
+        Report {
+            mode: if args.rate.is_some() {
+                Mode::Open
+            } else {
+                Mode::Closed
+            },
+            addr,
+            rate: args.rate,
+            connections: args.connections,
+            streams: if args.rate.is_some() { 0 } else { args.streams },
+            seed: args.seed,
+            requests: self.requests,
+            errors: errors_by_code.values().sum(),
+            errors_by_code,
+            duration_s,
+            rps: if duration_s > 0.0 {
+                round(self.requests as f64 / duration_s, 1)
+            } else {
+                0.0
+            },
+            late: self.late,
+            mix: self.mix,
+            reasons: self.reasons.into_iter().collect(),
+            latency_us,
+        }
+    }
+}
+
+/// Rounds to `digits` decimals: tidier JSON, and a short decimal reads back as
+/// exactly the same f64 (serde_json's default parser can be one ulp off on long ones).
+fn round(x: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (x * scale).round() / scale
+}
+
+/// Shared counters for the progress line: relaxed atomics, and a coarse
+/// log-linear latency histogram (1/8 of a power of two) for a running p99.
+struct Progress {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    buckets: Vec<AtomicU64>,
+}
+
+const BUCKETS: usize = 200;
+
+fn bucket(us: u64) -> usize {
+    if us < 16 {
+        return us as usize;
+    }
+    let e = 63 - us.leading_zeros() as usize;
+    (16 + (e - 4) * 8 + ((us >> (e - 3)) & 7) as usize).min(BUCKETS - 1)
+}
+
+/// The largest value that falls in bucket `i`.
+fn bucket_top(i: usize) -> u64 {
+    if i < 16 {
+        return i as u64;
+    }
+    let (e, sub) = ((i - 16) / 8 + 4, ((i - 16) % 8) as u64);
+    ((9 + sub) << (e - 3)) - 1
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let buckets = (0..BUCKETS).map(|_| AtomicU64::new(0)).collect();
+        Progress {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            buckets,
+        }
+    }
+
+    fn add(&self, us: u64, failed: bool) {
+        self.requests.fetch_add(1, Relaxed);
+        if failed {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        self.buckets[bucket(us)].fetch_add(1, Relaxed);
+    }
+
+    fn p99(&self) -> u64 {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let want = (counts.iter().sum::<u64>() as f64 * 0.99).ceil() as u64;
+        let mut seen = 0;
+        for (i, n) in counts.iter().enumerate() {
+            seen += n;
+            if seen >= want && seen > 0 {
+                return bucket_top(i);
+            }
+        }
+        0
+    }
+}
+
+/// Once a second: elapsed, requests, current rate, errors, p99 so far.
+async fn print_progress(plan: Arc<Plan>) {
+    let tty = std::io::stderr().is_terminal();
+    let mut tick = tokio::time::interval_at(
+        plan.measure_start + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut last_n, mut last_t) = (0, plan.measure_start);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let n = plan.progress.requests.load(Relaxed);
+        let rps = (n - last_n) as f64 / now.duration_since(last_t).as_secs_f64().max(1e-9);
+        (last_n, last_t) = (n, now);
+        let line = format!(
+            "{:>6.1}s {:>10} requests {:>9.0} req/s {:>6} errors  p99 ~{} us",
+            now.duration_since(plan.measure_start).as_secs_f64(),
+            n,
+            rps,
+            plan.progress.errors.load(Relaxed),
+            plan.progress.p99()
+        );
+        if tty {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// The human-readable report.
+pub fn table(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let pct = |n: u64| {
+        if r.requests > 0 {
+            100.0 * n as f64 / r.requests as f64
+        } else {
+            0.0
+        }
+    };
+    let shape = match r.rate {
+        Some(rate) => format!("open loop, {rate} req/s over {} connections", r.connections),
+        None => format!(
+            "closed loop, {} connections x {} streams",
+            r.connections, r.streams
+        ),
+    };
+    let _ = writeln!(t, "riskgate loadgen: {shape}, {}", r.addr);
+    let _ = writeln!(
+        t,
+        "requests     {:>10}  in {:.2} s",
+        r.requests, r.duration_s
+    );
+    let _ = writeln!(t, "throughput   {:>10.0}  req/s", r.rps);
+    let _ = writeln!(t, "errors       {:>10}", r.errors);
+    for (code, n) in &r.errors_by_code {
+        let _ = writeln!(t, "  {code:<24} {n:>8}");
+    }
+    if r.rate.is_some() {
+        let _ = writeln!(t, "late sends   {:>10}  (> 1 ms behind schedule)", r.late);
+    }
+    let m = &r.mix;
+    let _ = writeln!(
+        t,
+        "decisions    allow {} ({:.1}%)  challenge {} ({:.1}%)  block {} ({:.1}%)",
+        m.allow,
+        pct(m.allow),
+        m.challenge,
+        pct(m.challenge),
+        m.block,
+        pct(m.block)
+    );
+    let mut reasons: Vec<_> = r.reasons.iter().collect();
+    reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    if !reasons.is_empty() {
+        let _ = writeln!(t, "top reasons");
+    }
+    for (code, n) in reasons.into_iter().take(8) {
+        let _ = writeln!(t, "  {code:<24} {n:>8}  {:>5.1}%", pct(*n));
+    }
+    let l = &r.latency_us;
+    let _ = writeln!(
+        t,
+        "latency (us)      p50      p90      p99    p99.9      max     mean"
+    );
+    let _ = writeln!(
+        t,
+        "             {:>8} {:>8} {:>8} {:>8} {:>8} {:>8.0}",
+        l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+    );
+    t
+}
+
+/// SplitMix64: tiny, fast, statistically fine for picking users and amounts.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n (n > 0), by multiply-shift.
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next() as u128 * n as u128) >> 64) as u64
+    }
+
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len() as u64) as usize]
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Regular,
+    Burst,
+    Traveller,
+    Duplicate,
+    UnverifiedLarge,
+    NewDevice,
+}
+
+/// An IPv4 city of `geo/demo.csv`: first three octets, first and last host.
+/// Beijing is 192.0.2.0/25 without the nested Tianjin /26, so .1-.63 only.
+type City = (&'static str, u64, u64);
+const BEIJING: City = ("192.0.2", 1, 63);
+const SHANGHAI: City = ("192.0.2", 128, 254);
+const GUANGZHOU: City = ("198.51.100", 1, 127);
+const CHENGDU: City = ("198.51.100", 192, 254);
+const HARBIN: City = ("203.0.113", 1, 127);
+const URUMQI: City = ("203.0.113", 128, 254);
+/// Pairs over 1,500 km apart that travellers alternate between.
+const TRIPS: [(City, City); 4] = [
+    (URUMQI, BEIJING),
+    (HARBIN, CHENGDU),
+    (URUMQI, SHANGHAI),
+    (HARBIN, GUANGZHOU),
+];
+const CHANNELS: [&str; 5] = ["wechat", "alipay", "unionpay", "app", "web"];
+/// Everyday top-ups in yuan (phone credit denominations); 50 and 100, the
+/// commonest, twice.
+const EVERYDAY_YUAN: [u64; 9] = [10, 20, 30, 50, 50, 100, 100, 200, 300];
+
+/// A user's home address: their own IPv6 address in Hangzhou (2001:db8::/33)
+/// or Wuhan (2001:db8:8000::/33). Own, because the demo IPv4 cities hold only
+/// a few hundred addresses: shared by a whole population they would pass the
+/// IP_BURST limit (300 per address in 10 minutes) within seconds of any load.
+fn home_ip(user: u64) -> String {
+    let high = ((user >> 16) & 0x7fff) as u16 | if user % 2 == 1 { 0x8000 } else { 0 };
+    Ipv6Addr::new(0x2001, 0xdb8, high, user as u16, 0, 0, 0, 1).to_string()
+}
+
+/// One worker's request generator. Bursts and trips are streaks: a drawn
+/// burst continues the worker's current bursting user, so the 5th large order
+/// of one user within 10 minutes (BURST_FREQUENCY) really happens.
+struct Traffic {
+    rng: Rng,
+    kinds: Vec<(u64, Kind)>,
+    users: u64,
+    /// Ends every user, device and game account id: each run is a fresh
+    /// population, so a second run against the same server is not judged by
+    /// the windows of the first (and sees the same mix).
+    run: String,
+    prefix: String,
+    seq: u64,
+    dry_run: bool,
+    created_at_ms: i64,
+    burst: Option<(u64, u64)>,
+    trip: Option<(u64, u64, (City, City))>,
+    last: Option<pb::EvaluateRequest>,
+}
+
+impl Traffic {
+    fn new(args: &Args, run_id: &str, worker: usize) -> Traffic {
+        let shares = [
+            (args.regular, Kind::Regular),
+            (args.burst, Kind::Burst),
+            (args.traveller, Kind::Traveller),
+            (args.duplicate, Kind::Duplicate),
+            (args.unverified_large, Kind::UnverifiedLarge),
+            (args.new_device, Kind::NewDevice),
+        ];
+        let mut sum = 0;
+        let kinds = shares.iter().filter(|(s, _)| *s > 0).map(|&(s, k)| {
+            sum += u64::from(s);
+            (sum, k)
+        });
+        let mut rng = Rng(args.seed ^ (worker as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        rng.next();
+        Traffic {
+            rng,
+            kinds: kinds.collect(),
+            users: args.users,
+            run: run_id.to_string(),
+            prefix: format!("lg-{run_id}-{worker}"),
+            seq: 0,
+            dry_run: args.dry_run,
+            created_at_ms: crate::now_ms() - 400 * 86_400_000,
+            burst: None,
+            trip: None,
+            last: None,
+        }
+    }
+
+    fn next(&mut self) -> pb::EvaluateRequest {
+        let total = self.kinds.last().map_or(1, |k| k.0);
+        let draw = self.rng.below(total);
+        let kind = self
+            .kinds
+            .iter()
+            .find(|k| draw < k.0)
+            .map_or(Kind::Regular, |k| k.1);
+        match kind {
+            Kind::Regular => {
+                let user = self.rng.below(self.users);
+                let yuan = self.rng.pick(&EVERYDAY_YUAN);
+                let req = self.order(user, yuan);
+                self.last = Some(req.clone());
+                req
+            }
+            Kind::Burst => {
+                let (user, left) = match self.burst {
+                    Some((user, left)) if left > 0 => (user, left),
+                    _ => (self.rng.below(self.users), 6 + self.rng.below(3)),
+                };
+                self.burst = Some((user, left - 1));
+                let yuan = 500 + 100 * self.rng.below(16);
+                self.order(user, yuan)
+            }
+            Kind::Traveller => {
+                let (user, step, trip) = match self.trip {
+                    Some((user, step, trip)) if step < 6 => (user, step, trip),
+                    _ => (self.rng.below(self.users), 0, self.rng.pick(&TRIPS)),
+                };
+                self.trip = Some((user, step + 1, trip));
+                // At or above 50 yuan: below it the pack's leniency makes LOCATION_UNUSUAL a note.
+                let yuan = self.rng.pick(&[50, 100, 200, 300]);
+                let mut req = self.order(user, yuan);
+                let city = match step {
+                    0..=2 => None,
+                    4 => Some(trip.1),
+                    _ => Some(trip.0),
+                };
+                if let Some((net, lo, hi)) = city {
+                    req.ip = format!("{net}.{}", lo + self.rng.below(hi - lo + 1));
+                }
+                req
+            }
+            Kind::Duplicate => match self.last.take() {
+                Some(mut req) => {
+                    self.seq += 1;
+                    req.request_id = format!("{}-{}", self.prefix, self.seq);
+                    let others: Vec<&str> =
+                        CHANNELS.into_iter().filter(|c| *c != req.channel).collect();
+                    req.channel = self.rng.pick(&others).to_string();
+                    req
+                }
+                None => {
+                    let user = self.rng.below(self.users);
+                    let req = self.order(user, 100);
+                    self.last = Some(req.clone());
+                    req
+                }
+            },
+            Kind::UnverifiedLarge => {
+                let user = self.rng.below(self.users);
+                let yuan = 3000 + self.rng.below(3001);
+                let mut req = self.order(user, yuan);
+                req.user_id = format!("v{user}-{}", self.run);
+                req.device_id = format!("dv{user}-{}", self.run);
+                if let Some(account) = req.account.as_mut() {
+                    account.real_name_verified = false;
+                }
+                req
+            }
+            Kind::NewDevice => {
+                let user = self.rng.below(self.users);
+                let yuan = self.rng.pick(&EVERYDAY_YUAN);
+                let mut req = self.order(user, yuan);
+                req.device_id = format!("new-{}-{}", self.prefix, self.seq);
+                req
+            }
+        }
+    }
+
+    /// An everyday order by `user`: own device, home address, one of their targets.
+    fn order(&mut self, user: u64, yuan: u64) -> pb::EvaluateRequest {
+        self.seq += 1;
+        let phone = |prefix: &str| format!("{prefix}{:08}", user % 100_000_000);
+        let (target, product) = match self.rng.below(4) {
+            0 => (phone("138"), "phone_credit"),
+            1 => (phone("138"), "mobile_data"),
+            2 => (phone("139"), "phone_credit"),
+            _ => (format!("game-{user}-{}", self.run), "game_card"),
+        };
+        pb::EvaluateRequest {
+            request_id: format!("{}-{}", self.prefix, self.seq),
+            user_id: format!("u{user}-{}", self.run),
+            amount: yuan as i64 * 100,
+            currency: String::new(),
+            channel: self.rng.pick(&CHANNELS).to_string(),
+            product: product.to_string(),
+            target,
+            ip: home_ip(user),
+            device_id: format!("d{user}-{}", self.run),
+            timestamp_ms: 0,
+            account: Some(pb::Account {
+                real_name_verified: true,
+                status: pb::AccountStatus::Active as i32,
+                created_at_ms: self.created_at_ms,
+                has_purchase_history: true,
+            }),
+            attributes: Default::default(),
+            dry_run: self.dry_run,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        for bad in ["", "s", "-1s", "10x", "nan", "1e30s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn buckets_cover_their_values() {
+        for us in [0, 1, 15, 16, 17, 100, 999, 1000, 65_535, 1 << 20, MAX_US] {
+            let i = bucket(us);
+            assert!(
+                bucket_top(i) >= us && (i == 0 || bucket_top(i - 1) < us),
+                "{us}"
+            );
+        }
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            endpoint("127.0.0.1:50051", Duration::from_secs(1))
+                .unwrap()
+                .0,
+            "http://127.0.0.1:50051"
+        );
+        for bad in ["", "https://x:1", "http://", "a b:1"] {
+            assert!(endpoint(bad, Duration::from_secs(1)).is_err(), "{bad}");
+        }
+        assert_eq!(home_ip(3), "2001:db8:8000:3::1");
+        assert_eq!(home_ip(70_000), "2001:db8:1:1170::1");
+    }
+}

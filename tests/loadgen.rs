@@ -1,0 +1,165 @@
+//! `riskgate loadgen` against a real server on 127.0.0.1:0: counts add up, the
+//! mix makes the shipped rules fire, the report round-trips through JSON.
+//! No timing assertions: CI machines are too noisy for them.
+
+use std::path::Path;
+
+use clap::Parser;
+use riskgate::loadgen::{self, Args, Mode, Report};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+}
+
+fn args(addr: &str, flags: &[&str]) -> Args {
+    let argv = ["loadgen", "--addr", addr, "--warmup", "0s"]
+        .into_iter()
+        .chain(flags.iter().copied());
+    Cli::try_parse_from(argv).expect("flags").args
+}
+
+/// Serves the shipped pack and demo geo data until the sender is dropped.
+async fn start() -> (String, tokio::sync::oneshot::Sender<()>) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = riskgate::config::Config {
+        rules: root.join("rules"),
+        geo: Some(root.join("geo/demo.csv")),
+        ..Default::default()
+    };
+    let engine = riskgate::server::build(&config).expect("engine");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(riskgate::api::serve(engine, listener, async {
+        let _ = stopped.await;
+    }));
+    (addr.to_string(), stop)
+}
+
+#[track_caller]
+fn check(report: &Report, requests: u64) {
+    assert_eq!(report.errors, 0, "{report:#?}");
+    assert!(report.errors_by_code.is_empty(), "{report:#?}");
+    assert_eq!(report.requests, requests, "{report:#?}");
+    let mix = &report.mix;
+    assert_eq!(
+        mix.allow + mix.challenge + mix.block,
+        requests,
+        "{report:#?}"
+    );
+    assert!(
+        mix.allow > mix.challenge + mix.block,
+        "mostly allowed: {report:#?}"
+    );
+    assert!(mix.block > 0 && mix.challenge > 0, "{report:#?}");
+    for code in [
+        "BURST_FREQUENCY",
+        "REAL_NAME_REQUIRED",
+        "DUPLICATE_SUSPECTED",
+        "LOCATION_UNUSUAL",
+    ] {
+        assert!(
+            report.reasons.get(code).is_some_and(|&n| n > 0),
+            "no {code}: {report:#?}"
+        );
+    }
+    let l = &report.latency_us;
+    assert!(
+        0 < l.p50 && l.p50 <= l.p90 && l.p90 <= l.p99 && l.p99 <= l.p999 && l.p999 <= l.max,
+        "{l:?}"
+    );
+    assert!(report.duration_s > 0.0 && report.rps > 0.0, "{report:#?}");
+    let json = serde_json::to_string(report).expect("serialize");
+    assert_eq!(
+        &serde_json::from_str::<Report>(&json).expect("deserialize"),
+        report
+    );
+    let value: serde_json::Value = serde_json::from_str(&json).expect("json");
+    for field in [
+        "requests",
+        "errors",
+        "duration_s",
+        "rps",
+        "mix",
+        "reasons",
+        "latency_us",
+        "mode",
+        "rate",
+        "connections",
+        "streams",
+        "late",
+    ] {
+        assert!(value.get(field).is_some(), "no {field} in {json}");
+    }
+    assert!(loadgen::table(report).contains("p99.9"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closed_loop_counts_every_request() {
+    let (addr, _stop) = start().await;
+    let args = args(
+        &addr,
+        &["--requests", "2000", "--connections", "2", "--streams", "8"],
+    );
+    let report = loadgen::run(&args).await.expect("run");
+    assert_eq!(report.mode, Mode::Closed);
+    assert_eq!(
+        (report.connections, report.streams, report.rate),
+        (2, 8, None)
+    );
+    check(&report, 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_loop_sends_on_schedule() {
+    let (addr, _stop) = start().await;
+    let args = args(
+        &addr,
+        &["--rate", "500", "--duration", "2s", "--connections", "2"],
+    );
+    let report = loadgen::run(&args).await.expect("run");
+    assert_eq!(report.mode, Mode::Open);
+    assert_eq!(report.rate, Some(500.0));
+    // The schedule, not the clock, decides the count: 500/s for 2 s.
+    check(&report, 1000);
+}
+
+#[tokio::test]
+async fn bad_input_is_an_error_not_a_panic() {
+    for (addr, flags, want) in [
+        ("http://", &[][..], "--addr"),
+        ("https://127.0.0.1:1", &[], "plaintext"),
+        ("127.0.0.1:1", &[], "cannot connect"),
+        ("127.0.0.1:1", &["--users", "0"], "at least 1"),
+        (
+            "127.0.0.1:1",
+            &[
+                "--regular",
+                "0",
+                "--burst",
+                "0",
+                "--traveller",
+                "0",
+                "--duplicate",
+                "0",
+                "--unverified-large",
+                "0",
+                "--new-device",
+                "0",
+            ],
+            "every traffic share is 0",
+        ),
+        ("127.0.0.1:1", &["--rate", "0"], "--rate"),
+    ] {
+        let err = loadgen::run(&args(addr, flags))
+            .await
+            .expect_err(addr)
+            .to_string();
+        assert!(err.contains(want), "{addr} {flags:?}: {err}");
+    }
+    assert!(Cli::try_parse_from(["loadgen", "--duration", "ten"]).is_err());
+}
