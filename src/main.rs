@@ -46,6 +46,9 @@ enum Command {
         /// Do not reload the pack when its folder changes (SIGHUP and the admin call still do).
         #[arg(long)]
         no_watch: bool,
+        /// Benchmark floor: the same service answering ALLOW, with no rules and no state.
+        #[arg(long)]
+        baseline: bool,
     },
     /// Load and compile a rule pack as the server would; report every problem.
     Check {
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
             admin_token,
             decision_log,
             no_watch,
+            baseline,
         } => {
             let mut cfg = match config.as_deref().map(Config::from_file).transpose() {
                 Ok(c) => c.unwrap_or_default(),
@@ -137,8 +141,14 @@ fn main() -> ExitCode {
                 Err(e) => return fail(e),
             };
             // The signal handlers need the runtime: install them inside it.
-            let serve =
-                async { riskgate::server::run(cfg, riskgate::server::shutdown_signal()).await };
+            let serve = async {
+                let stop = riskgate::server::shutdown_signal();
+                if baseline {
+                    riskgate::server::run_baseline(cfg, stop).await
+                } else {
+                    riskgate::server::run(cfg, stop).await
+                }
+            };
             match runtime.block_on(serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),

@@ -163,6 +163,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(served?)
 }
 
+/// Runs the baseline server (`serve --baseline`): no rules, no state.
+pub async fn run_baseline(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let listener = crate::api::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(%addr, "riskgate BASELINE serving: every Evaluate is ALLOW, no rules, no state");
+    crate::api::serve_baseline(listener, shutdown).await?;
+    tracing::info!("riskgate stopped");
+    Ok(())
+}
+
 /// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is
 /// called (inside a runtime), not when first polled, so a signal that comes
 /// right after start-up still shuts down gracefully.

@@ -425,3 +425,19 @@ async fn decisions_name_the_pack_version() {
     assert_eq!(d.ruleset_version, s.engine.pack().version.to_string());
     assert_eq!(d.ruleset_version.len(), 16);
 }
+
+#[tokio::test]
+async fn the_baseline_server_answers_allow_to_everything() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(riskgate::api::serve_baseline(listener, std::future::pending()));
+    let mut client = pb::risk_engine_client::RiskEngineClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    // Even what the engine would block or refuse: the baseline decides nothing.
+    let mut r = recharge("b1", "fraud-ring-001", 10, t0());
+    r.amount = 0;
+    let d = client.evaluate(r).await.unwrap().into_inner();
+    assert_eq!((action(&d), d.request_id.as_str()), (Action::Allow, "b1"));
+    assert_eq!(d.ruleset_version, "baseline");
+}

@@ -58,6 +58,41 @@ impl RiskEngine for Api {
     }
 }
 
+/// The floor for benchmarks (`serve --baseline`): the same service and
+/// messages, answering ALLOW with no validation, no rules and no state, so
+/// anyone can measure what the engine costs over bare gRPC on their machine.
+#[derive(Clone, Default)]
+pub struct Baseline;
+
+#[tonic::async_trait]
+impl RiskEngine for Baseline {
+    async fn evaluate(
+        &self,
+        request: Request<pb::EvaluateRequest>,
+    ) -> Result<Response<pb::Decision>, Status> {
+        Ok(Response::new(pb::Decision {
+            request_id: request.into_inner().request_id,
+            action: pb::Action::Allow.into(),
+            ruleset_version: "baseline".to_string(),
+            ..Default::default()
+        }))
+    }
+
+    async fn record_event(
+        &self,
+        _: Request<pb::Event>,
+    ) -> Result<Response<pb::RecordEventResponse>, Status> {
+        Ok(Response::new(pb::RecordEventResponse::default()))
+    }
+
+    async fn report_outcome(
+        &self,
+        _: Request<pb::Outcome>,
+    ) -> Result<Response<pb::ReportOutcomeResponse>, Status> {
+        Ok(Response::new(pb::ReportOutcomeResponse::default()))
+    }
+}
+
 /// Engine errors as gRPC statuses.
 fn status(e: EngineError) -> Status {
     match e {
@@ -111,8 +146,24 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    serve_service(RiskEngineServer::new(Api::new(engine)), listener, shutdown).await
+}
+
+/// Serves [`Baseline`] the same way (health and reflection included).
+pub async fn serve_baseline(
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    serve_service(RiskEngineServer::new(Baseline), listener, shutdown).await
+}
+
+async fn serve_service<S: RiskEngine>(
+    service: RiskEngineServer<S>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<RiskEngineServer<Api>>().await;
+    health.set_serving::<RiskEngineServer<S>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::DESCRIPTOR)
@@ -130,7 +181,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RiskEngineServer::new(Api::new(engine)))
+        .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
