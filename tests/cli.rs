@@ -72,7 +72,7 @@ file = "b.rhai"
     .unwrap();
     std::fs::write(
         d.join("a.rhai"),
-        "if window.per_usr > param.limit {\n  block(\"X\", \"y\")\n}\n",
+        "if window.per_usr > param.limit {\n  blok(\"X\", \"y\")\n}\n",
     )
     .unwrap();
     std::fs::write(d.join("b.rhai"), "let x = ;\n").unwrap();
@@ -85,6 +85,7 @@ file = "b.rhai"
         "lists/ips.txt:2:1:",
         "pack.toml:22:1: duplicate rule id `a`",
         "a.rhai:1:11: unknown window `per_usr`",
+        "a.rhai:2:3: unknown function `blok`",
         "b.rhai:1:9:",
     ] {
         assert!(
@@ -92,7 +93,7 @@ file = "b.rhai"
             "missing `{expected}` in:\n{stdout}"
         );
     }
-    assert!(stdout.contains("6 problem(s)"), "{stdout}");
+    assert!(stdout.contains("7 problem(s)"), "{stdout}");
 }
 
 #[test]

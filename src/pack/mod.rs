@@ -543,6 +543,7 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
 
     // Rules.
     let engine = script::engine(&manifest.limits);
+    let functions = script::known_functions(&engine);
     let known: BTreeMap<&str, HashSet<&str>> = BTreeMap::from([
         ("window", window_index.keys().map(String::as_str).collect()),
         ("param", params.keys().map(String::as_str).collect()),
@@ -595,18 +596,28 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
             }
         }
         match script::compile(&engine, &source, &def.file) {
-            Ok(ast) => rules.push(Rule {
-                id: Arc::from(def.id.as_str()),
-                file: def.file.clone(),
-                mode: def.mode,
-                soft: def.soft,
-                score: def.score,
-                description: def.description.clone(),
-                on_error: def.on_error.unwrap_or(manifest.policy.on_error),
-                ast,
-                hits: AtomicU64::new(0),
-                errors: AtomicU64::new(0),
-            }),
+            Ok(ast) => {
+                for (name, line, col) in script::unknown_calls(&ast, &functions) {
+                    problems.push(Problem::at(
+                        &def.file,
+                        line,
+                        col,
+                        format!("unknown function `{name}`"),
+                    ));
+                }
+                rules.push(Rule {
+                    id: Arc::from(def.id.as_str()),
+                    file: def.file.clone(),
+                    mode: def.mode,
+                    soft: def.soft,
+                    score: def.score,
+                    description: def.description.clone(),
+                    on_error: def.on_error.unwrap_or(manifest.policy.on_error),
+                    ast,
+                    hits: AtomicU64::new(0),
+                    errors: AtomicU64::new(0),
+                })
+            }
             Err(p) => problems.push(p),
         }
         hasher_parts.push((def.file.clone(), source.into_bytes()));

@@ -310,6 +310,64 @@ pub fn compile(engine: &Engine, source: &str, file: &str) -> Result<AST, Problem
         })
 }
 
+/// Names every rule may call: the engine's functions (ours and Rhai's
+/// standard library) and the language's built-in calls.
+pub fn known_functions(engine: &Engine) -> std::collections::HashSet<String> {
+    let mut known: std::collections::HashSet<String> = engine
+        .gen_fn_signatures(true)
+        .iter()
+        .filter_map(|sig| sig.split('(').next())
+        .map(|name| name.trim_start_matches("pub ").trim().to_string())
+        .collect();
+    for builtin in [
+        "print",
+        "debug",
+        "type_of",
+        "Fn",
+        "call",
+        "curry",
+        "is_def_var",
+        "is_def_fn",
+        "is_shared",
+    ] {
+        known.insert(builtin.to_string());
+    }
+    known
+}
+
+/// Every call in `ast` to a function that neither `known` nor the script
+/// itself defines, with its (line, column): Rhai would only find these when
+/// the call runs, so a typo would sit in a rare branch until 3 a.m.
+pub fn unknown_calls(
+    ast: &AST,
+    known: &std::collections::HashSet<String>,
+) -> Vec<(String, usize, usize)> {
+    use rhai::{ASTNode, Expr, Stmt};
+    let defined: std::collections::HashSet<&str> = ast.iter_functions().map(|f| f.name).collect();
+    let mut out = Vec::new();
+    ast.walk(&mut |path: &[ASTNode]| {
+        let call = match path.last() {
+            Some(ASTNode::Expr(Expr::FnCall(f, pos)))
+            | Some(ASTNode::Expr(Expr::MethodCall(f, pos)))
+            | Some(ASTNode::Stmt(Stmt::FnCall(f, pos))) => Some((f, pos)),
+            _ => None,
+        };
+        if let Some((f, pos)) = call {
+            let name = f.name.as_str();
+            let operator = f.op_token.is_some() || !name.starts_with(|c: char| c.is_alphabetic());
+            if !operator && !known.contains(name) && !defined.contains(name) {
+                out.push((
+                    name.to_string(),
+                    pos.line().unwrap_or(0),
+                    pos.position().unwrap_or(0),
+                ));
+            }
+        }
+        true
+    });
+    out
+}
+
 /// A name a script reads from `window`, `param` or `list`, with its position.
 #[derive(Debug, PartialEq)]
 pub struct NameUse {
@@ -459,6 +517,23 @@ mod tests {
                 ("param", "b_1".to_string(), 2, 21),
                 ("window", "c".to_string(), 3, 28),
                 ("list", "d".to_string(), 5, 26),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_functions_are_found_with_positions() {
+        let engine = engine(&Limits::default());
+        let known = known_functions(&engine);
+        let src = "fn helper(x) { x + 1 }\nlet n = helper(2).to_string();\nif n == \"3\" {\n  blok(\"X\", \"y\").ask(\"sms\")\n}\nchallenge(\"A\", \"b\").skor(3);\nif n == \"4\" { notise(\"A\", \"b\") }";
+        let ast = compile(&engine, src, "r.rhai").unwrap();
+        let unknown = unknown_calls(&ast, &known);
+        assert_eq!(
+            unknown,
+            vec![
+                ("blok".to_string(), 4, 3),
+                ("skor".to_string(), 6, 21),
+                ("notise".to_string(), 7, 15)
             ]
         );
     }
