@@ -160,6 +160,11 @@ mod tests {
             86_400_000
         );
         assert_eq!(example.sweep_interval_ms().unwrap(), 30_000);
+        assert_eq!(example.watch_rules, defaults.watch_rules);
+        assert_eq!(example.watch_interval, defaults.watch_interval);
+        assert_eq!(example.decision_log_max_bytes, defaults.decision_log_max_bytes);
+        assert_eq!(example.decision_log_keep, defaults.decision_log_keep);
+        assert_eq!(example.decision_log_queue, defaults.decision_log_queue);
     }
 
     #[test]

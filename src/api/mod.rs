@@ -157,6 +157,31 @@ pub async fn serve_baseline(
     serve_service(RiskEngineServer::new(Baseline), listener, shutdown).await
 }
 
+/// Server reflection, v1 and v1alpha: grpcurl 1.8.6 (the one on PyPI),
+/// grpcui and Postman ask only for v1alpha.
+fn reflection() -> (
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+) {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::DESCRIPTOR)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    (
+        builder()
+            .build_v1()
+            .expect("the embedded descriptor set is valid"),
+        builder()
+            .build_v1alpha()
+            .expect("the embedded descriptor set is valid"),
+    )
+}
+
 async fn serve_service<S: RiskEngine>(
     service: RiskEngineServer<S>,
     listener: tokio::net::TcpListener,
@@ -164,18 +189,7 @@ async fn serve_service<S: RiskEngine>(
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RiskEngineServer<S>>().await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::pb::DESCRIPTOR)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .expect("the embedded descriptor set is valid");
-    // v1alpha too: grpcurl 1.8.6 (the one on PyPI), grpcui and Postman ask only for it.
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .expect("the embedded descriptor set is valid");
+    let (reflection_v1, reflection_v1alpha) = reflection();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(health_service)
@@ -193,12 +207,10 @@ pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::DESCRIPTOR)
-        .build_v1()
-        .expect("the embedded descriptor set is valid");
+    let (reflection_v1, reflection_v1alpha) = reflection();
     tonic::transport::Server::builder()
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(admin::service(api, token))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await
