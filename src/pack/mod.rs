@@ -542,14 +542,21 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
     });
 
     // Rules.
-    let engine = script::engine(&manifest.limits);
+    let names = Names {
+        windows: window_index,
+        lists: list_index,
+        params,
+    };
+    let mut engine = script::engine(&manifest.limits);
+    script::register_names(&mut engine, &names);
     let functions = script::known_functions(&engine);
     let known: BTreeMap<&str, HashSet<&str>> = BTreeMap::from([
-        ("window", window_index.keys().map(String::as_str).collect()),
-        ("param", params.keys().map(String::as_str).collect()),
+        ("window", names.windows.keys().map(String::as_str).collect()),
+        ("param", names.params.keys().map(String::as_str).collect()),
         (
             "list",
-            list_index
+            names
+                .lists
                 .keys()
                 .map(String::as_str)
                 .chain(["allowlisted"])
@@ -643,11 +650,7 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
         rules,
         lists,
         allowlists,
-        names: Arc::new(Names {
-            windows: window_index,
-            lists: list_index,
-            params,
-        }),
+        names: Arc::new(names),
         engine,
     })
 }

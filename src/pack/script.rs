@@ -271,6 +271,32 @@ fn loc_text(v: &GeoVar, field: impl Fn(&Location) -> &String) -> String {
         .unwrap_or_default()
 }
 
+/// Registers a property getter for every window, list and parameter of a
+/// pack, on that pack's own engine. Why: a property with a getter resolves
+/// through a hash computed when the script compiles, while the indexer
+/// fallback (`window["name"]`, still there for dynamic names) first misses
+/// the getter lookup and then hashes the name string, on every access.
+pub fn register_names(engine: &mut Engine, names: &Names) {
+    for (name, &i) in &names.windows {
+        engine.register_get(name, move |v: &mut WindowVar| v.0.windows[i]);
+    }
+    for (name, &i) in &names.lists {
+        engine.register_get(name, move |v: &mut ListVar| v.0.lists[i]);
+    }
+    for (name, value) in &names.params {
+        if let Some(n) = value.clone().try_cast::<i64>() {
+            engine.register_get(name, move |_: &mut ParamVar| n);
+        } else if let Some(x) = value.clone().try_cast::<f64>() {
+            engine.register_get(name, move |_: &mut ParamVar| x);
+        } else if let Some(b) = value.clone().try_cast::<bool>() {
+            engine.register_get(name, move |_: &mut ParamVar| b);
+        } else {
+            let value = value.clone();
+            engine.register_get(name, move |_: &mut ParamVar| value.clone());
+        }
+    }
+}
+
 /// A scope holding the rule variables, for compiling (strict variables) and
 /// for running (the real values).
 pub fn scope(ctx: Option<&Arc<Ctx>>) -> Scope<'static> {

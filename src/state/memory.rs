@@ -438,7 +438,7 @@ const SHARDS: usize = 512;
 /// a thread that finds the map over its cap waits for the sweep in progress
 /// and checks again.
 struct Bounded<V> {
-    map: DashMap<Box<str>, Stamped<V>>,
+    map: DashMap<Box<str>, Stamped<V>, foldhash::fast::RandomState>,
     len: AtomicUsize,
     cap: usize,
     clock: AtomicU64,
@@ -457,8 +457,10 @@ impl<V: Default> Bounded<V> {
             // Many small shards: the sweeper and the evictor lock one shard at
             // a time, so a request waits at most for one small shard's walk
             // (the default, a few shards per core, stalled requests for tens
-            // of milliseconds at a few hundred thousand keys).
-            map: DashMap::with_shard_amount(SHARDS),
+            // of milliseconds at a few hundred thousand keys). foldhash: a
+            // fast hash, seeded per process, so keys chosen by an attacker
+            // cannot be made to collide.
+            map: DashMap::with_hasher_and_shard_amount(Default::default(), SHARDS),
             len: AtomicUsize::new(0),
             cap: cap.max(1),
             clock: AtomicU64::new(0),
