@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 
 use super::profile::Profile;
-use super::window::{Distinct, Series, Shape};
+use super::window::{push_small, Distinct, Series, Shape};
 use super::{fnv1a, Aggregate, Begun, Conflict, Counts, Window, WindowPlan};
 use crate::decision::{Action, Decision};
 use crate::geo::Location;
@@ -85,7 +85,9 @@ pub struct MemoryStore {
 /// All windows of one key.
 #[derive(Debug, Default)]
 struct Slot {
-    windows: Vec<(u64, Shape, Agg)>,
+    /// (window signature, span in ms, state): only windows this key has
+    /// recorded into; a window that is only read holds nothing.
+    windows: Vec<(u64, i64, Agg)>,
 }
 
 #[derive(Debug)]
@@ -95,6 +97,13 @@ enum Agg {
 }
 
 impl Slot {
+    fn find(&mut self, w: &Window) -> Option<&mut Agg> {
+        self.windows
+            .iter_mut()
+            .find(|(sig, _, _)| *sig == w.sig)
+            .map(|(_, _, agg)| agg)
+    }
+
     fn agg(&mut self, w: &Window) -> &mut Agg {
         let at = match self.windows.iter().position(|(sig, _, _)| *sig == w.sig) {
             Some(at) => at,
@@ -103,7 +112,7 @@ impl Slot {
                     Aggregate::Distinct(_) => Agg::Distinct(Distinct::default()),
                     _ => Agg::Series(Series::default()),
                 };
-                self.windows.push((w.sig, w.shape, agg));
+                push_small(&mut self.windows, (w.sig, w.shape.span_ms, agg));
                 self.windows.len() - 1
             }
         };
@@ -111,9 +120,9 @@ impl Slot {
     }
 
     fn is_idle(&self, now_ms: i64) -> bool {
-        self.windows.iter().all(|(_, shape, agg)| match agg {
-            Agg::Series(s) => s.is_idle(*shape, now_ms),
-            Agg::Distinct(d) => d.is_idle(*shape, now_ms),
+        self.windows.iter().all(|(_, span, agg)| match agg {
+            Agg::Series(s) => s.is_idle(Shape::new(*span), now_ms),
+            Agg::Distinct(d) => d.is_idle(Shape::new(*span), now_ms),
         })
     }
 }
@@ -311,7 +320,7 @@ impl MemoryStore {
                     if w.counts != Counts::Allowed || facts.amount < w.min_amount {
                         continue;
                     }
-                    if let Agg::Series(s) = slot.agg(w) {
+                    if let Some(Agg::Series(s)) = slot.find(w) {
                         s.remove(w.shape, facts.timestamp_ms, delta(w, facts));
                     }
                 }
@@ -338,42 +347,16 @@ impl MemoryStore {
                 .windows
                 .iter()
                 .any(|&i| matches!(how(&plan.windows[i]), Touch::Record(_)));
-            let visit = |slot: &mut Slot, values: &mut [i64]| {
+            let visit = |mut slot: Option<&mut Slot>, values: &mut [i64]| {
                 for &i in &group.windows {
                     let w = &plan.windows[i];
-                    values[i] = match (slot.agg(w), how(w)) {
-                        (Agg::Series(s), Touch::Record(d)) => s.add(w.shape, ts, d),
-                        (Agg::Series(s), Touch::Include(d)) => s.value(w.shape, ts) + d,
-                        (Agg::Series(s), Touch::Read) => s.value(w.shape, ts),
-                        (Agg::Distinct(s), Touch::Record(d)) => s.add(w.shape, ts, d as u64),
-                        (Agg::Distinct(s), Touch::Include(d)) => {
-                            s.value_with(w.shape, ts, Some(d as u64))
-                        }
-                        (Agg::Distinct(s), Touch::Read) => s.value(w.shape, ts),
-                    };
+                    values[i] = touch(slot.as_deref_mut(), w, how(w), ts);
                 }
             };
             if records {
-                self.windows.update(&key, |slot| visit(slot, values));
+                self.windows.update(&key, |slot| visit(Some(slot), values));
             } else {
-                self.windows.read_mut(&key, |slot| match slot {
-                    Some(slot) => visit(slot, values),
-                    None => {
-                        // Nothing stored: only an included request counts.
-                        for &i in &group.windows {
-                            let w = &plan.windows[i];
-                            values[i] = match how(w) {
-                                Touch::Include(_)
-                                    if matches!(w.aggregate, Aggregate::Distinct(_)) =>
-                                {
-                                    1
-                                }
-                                Touch::Include(d) => d,
-                                _ => 0,
-                            };
-                        }
-                    }
-                });
+                self.windows.read_mut(&key, |slot| visit(slot, values));
             }
         }
     }
@@ -395,6 +378,33 @@ impl MemoryStore {
             idempotency_records: self.requests.len(),
             evicted: self.windows.evicted() + self.profiles.evicted() + self.requests.evicted(),
         }
+    }
+}
+
+/// Records into and/or reads one window of one key. Reads of a window the
+/// key never recorded into create nothing.
+fn touch(slot: Option<&mut Slot>, w: &Window, how: Touch, ts: i64) -> i64 {
+    let distinct = matches!(w.aggregate, Aggregate::Distinct(_));
+    match (slot, how) {
+        (Some(slot), Touch::Record(d)) => match slot.agg(w) {
+            Agg::Series(s) => s.add(w.shape, ts, d),
+            Agg::Distinct(s) => s.add(w.shape, ts, d as u64),
+        },
+        (Some(slot), Touch::Include(d)) => match slot.find(w) {
+            Some(Agg::Series(s)) => s.value(w.shape, ts) + d,
+            Some(Agg::Distinct(s)) => s.value_with(w.shape, ts, Some(d as u64)),
+            None if distinct => 1,
+            None => d,
+        },
+        (Some(slot), Touch::Read) => match slot.find(w) {
+            Some(Agg::Series(s)) => s.value(w.shape, ts),
+            Some(Agg::Distinct(s)) => s.value(w.shape, ts),
+            None => 0,
+        },
+        // Nothing stored for the key: only an included request counts.
+        (None, Touch::Include(_)) if distinct => 1,
+        (None, Touch::Include(d)) => d,
+        (None, _) => 0,
     }
 }
 

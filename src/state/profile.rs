@@ -4,8 +4,6 @@
 //! challenges the user passed). Bounded: the most recent [`RECENT`] located
 //! events are kept, which is all the usual-region question needs.
 
-use std::collections::VecDeque;
-
 use crate::geo::{distance_km, Location};
 
 /// Located events remembered per user.
@@ -40,7 +38,7 @@ struct Point {
 #[derive(Debug, Clone, Default)]
 pub struct Profile {
     /// (event time, region key), oldest first.
-    recent: VecDeque<(i64, u64)>,
+    recent: Vec<(i64, u64)>,
     last_point: Option<Point>,
     /// (time, was the region new) of the last successful login.
     last_login: Option<(i64, bool)>,
@@ -81,9 +79,13 @@ impl Profile {
     /// Remembers a located event as usual for the user.
     pub fn learn(&mut self, ts_ms: i64, loc: &Location) {
         if self.recent.len() >= RECENT {
-            self.recent.pop_front();
+            self.recent.remove(0);
         }
         let at = self.recent.partition_point(|(t, _)| *t <= ts_ms);
+        if self.recent.len() == self.recent.capacity() {
+            // Grow a step at a time: most users have a handful of events.
+            self.recent.reserve_exact((self.recent.len() / 2).max(1));
+        }
         self.recent.insert(at, (ts_ms, loc.region_key));
     }
 
@@ -114,7 +116,7 @@ impl Profile {
     pub fn is_idle(&self, now_ms: i64, span_ms: i64) -> bool {
         let newest = self
             .recent
-            .back()
+            .last()
             .map(|(t, _)| *t)
             .into_iter()
             .chain(self.last_point.map(|p| p.ts_ms))

@@ -12,8 +12,6 @@
 //! Distinct counts are exact: each value keeps its own last-seen time (up to
 //! [`MAX_DISTINCT`] values per key; past that the oldest values are forgotten).
 
-use std::collections::VecDeque;
-
 /// Buckets per span.
 pub const BUCKETS_PER_SPAN: i64 = 60;
 /// Most distinct values remembered per key of a distinct window.
@@ -46,10 +44,23 @@ impl Shape {
 }
 
 /// Counts or sums over time, bucketed.
+///
+/// A `Vec`, not a `VecDeque`: most keys hold one or two buckets, a `Vec`
+/// grown a step at a time keeps them in one small allocation, and dropping
+/// expired buckets from the front moves at most 60 pairs.
 #[derive(Debug, Default, Clone)]
 pub struct Series {
-    buckets: VecDeque<(i64, i64)>,
+    buckets: Vec<(i64, i64)>,
     total: i64,
+}
+
+/// Pushes without the default doubling: state for millions of keys is
+/// mostly one-element vectors, and doubling would leave most of it empty.
+pub(crate) fn push_small<T>(v: &mut Vec<T>, item: T) {
+    if v.len() == v.capacity() {
+        v.reserve_exact((v.len() / 2).max(1));
+    }
+    v.push(item);
 }
 
 impl Series {
@@ -57,7 +68,7 @@ impl Series {
     /// (this delta included): the read and the write are one step.
     pub fn add(&mut self, shape: Shape, ts_ms: i64, delta: i64) -> i64 {
         let b = shape.bucket(ts_ms);
-        match self.buckets.back_mut() {
+        match self.buckets.last_mut() {
             Some((last, v)) if *last == b => *v += delta,
             Some((last, _)) if *last > b => {
                 // Out of order (a late event): insert in place. Rare.
@@ -67,7 +78,7 @@ impl Series {
                     _ => self.buckets.insert(at, (b, delta)),
                 }
             }
-            _ => self.buckets.push_back((b, delta)),
+            _ => push_small(&mut self.buckets, (b, delta)),
         }
         self.total += delta;
         self.value(shape, ts_ms)
@@ -76,19 +87,17 @@ impl Series {
     /// The window's value as of `ts_ms`.
     pub fn value(&mut self, shape: Shape, ts_ms: i64) -> i64 {
         let first = shape.first_bucket(ts_ms);
-        let newest = match self.buckets.back() {
+        let newest = match self.buckets.last() {
             Some((b, _)) => *b,
             None => return 0,
         };
         if newest <= shape.bucket(ts_ms) {
             // The common case: `ts_ms` is the newest time seen, so everything
             // older than the window can go for good.
-            while let Some((b, v)) = self.buckets.front() {
-                if *b >= first {
-                    break;
-                }
-                self.total -= v;
-                self.buckets.pop_front();
+            let expired = self.buckets.partition_point(|(b, _)| *b < first);
+            if expired > 0 {
+                self.total -= self.buckets[..expired].iter().map(|(_, v)| v).sum::<i64>();
+                self.buckets.drain(..expired);
             }
             self.total
         } else {
@@ -118,7 +127,7 @@ impl Series {
     /// True when nothing newer than `ts_ms - span` is held.
     pub fn is_idle(&self, shape: Shape, now_ms: i64) -> bool {
         self.buckets
-            .back()
+            .last()
             .is_none_or(|(b, _)| *b < shape.first_bucket(now_ms))
     }
 
@@ -149,7 +158,7 @@ impl Distinct {
                         self.seen.swap_remove(oldest);
                     }
                 }
-                self.seen.push((value, ts_ms));
+                push_small(&mut self.seen, (value, ts_ms));
             }
         }
         self.value(shape, ts_ms)
