@@ -162,7 +162,10 @@ mod tests {
         assert_eq!(example.sweep_interval_ms().unwrap(), 30_000);
         assert_eq!(example.watch_rules, defaults.watch_rules);
         assert_eq!(example.watch_interval, defaults.watch_interval);
-        assert_eq!(example.decision_log_max_bytes, defaults.decision_log_max_bytes);
+        assert_eq!(
+            example.decision_log_max_bytes,
+            defaults.decision_log_max_bytes
+        );
         assert_eq!(example.decision_log_keep, defaults.decision_log_keep);
         assert_eq!(example.decision_log_queue, defaults.decision_log_queue);
     }

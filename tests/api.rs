@@ -430,7 +430,10 @@ async fn decisions_name_the_pack_version() {
 async fn the_baseline_server_answers_allow_to_everything() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(riskgate::api::serve_baseline(listener, std::future::pending()));
+    tokio::spawn(riskgate::api::serve_baseline(
+        listener,
+        std::future::pending(),
+    ));
     let mut client = pb::risk_engine_client::RiskEngineClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

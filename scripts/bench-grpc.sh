@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# gRPC throughput and latency of the engine against `serve --baseline`, in one
+# run, alternating, with the server and the client pinned to separate cores.
+#
+#   bash scripts/bench-grpc.sh [ROUNDS] [SECONDS]
+#
+# Needs: a release build (cargo build --release), taskset, h2load
+# (Debian nghttp2-client), python3 with grpcio-tools (clients/python/requirements.txt).
+# Writes target/bench/*.json and prints a summary table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS="${1:-3}"
+SECS="${2:-10}"
+BIN=target/release/riskgate
+OUT=target/bench
+SERVER_CPU="${SERVER_CPU:-0}"
+CLIENT_CPU="${CLIENT_CPU:-1}"
+PORT=50091
+mkdir -p "$OUT"
+[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+
+# One EvaluateRequest as a gRPC frame for h2load. dry_run: every request is a
+# full evaluation (features, rules, combine) that records nothing, so the same
+# body can be sent a million times without replays or growing state.
+python3 - "$OUT/body.bin" <<'PY'
+import struct, sys, tempfile, importlib, os
+from grpc_tools import protoc
+d = tempfile.mkdtemp()
+protoc.main(["protoc", "-Iproto", f"--python_out={d}", "proto/riskgate/v1/riskgate.proto"])
+sys.path.insert(0, d)
+pb = importlib.import_module("riskgate.v1.riskgate_pb2")
+msg = pb.EvaluateRequest(request_id="h2load-1", user_id="u-1", amount=3000, channel="wechat",
+    product="phone_credit", target="13800000000", ip="192.0.2.10", device_id="d-1",
+    account=pb.Account(real_name_verified=True, status=pb.ACCOUNT_STATUS_ACTIVE,
+                       has_purchase_history=True), dry_run=True)
+body = msg.SerializeToString()
+open(sys.argv[1], "wb").write(struct.pack(">BI", 0, len(body)) + body)
+PY
+
+start() { # mode
+    local flag=""
+    [ "$1" = baseline ] && flag="--baseline"
+    taskset -c "$SERVER_CPU" "$BIN" serve $flag --listen "127.0.0.1:$PORT" --no-watch >"$OUT/server-$1.log" 2>&1 &
+    SERVER=$!
+    for _ in $(seq 50); do
+        (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "server did not start" >&2; exit 1
+}
+stop() { kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; }
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+
+loadgen() { # name, extra args...
+    local name=$1; shift
+    taskset -c "$CLIENT_CPU" "$BIN" loadgen --addr "127.0.0.1:$PORT" --duration "${SECS}s" \
+        --warmup 1s --users 1000000 --json-out "$OUT/$name.json" "$@" >/dev/null 2>"$OUT/$name.txt"
+}
+
+h2() { # name
+    taskset -c "$CLIENT_CPU" h2load -n 200000 -c 16 -m 16 -d "$OUT/body.bin" \
+        -H 'content-type: application/grpc' -H 'te: trailers' \
+        "http://127.0.0.1:$PORT/riskgate.v1.RiskEngine/Evaluate" >"$OUT/$1.txt" 2>&1
+}
+
+# 1. Closed loop (loadgen, 4 connections x 16 streams) and h2load, alternating.
+for r in $(seq "$ROUNDS"); do
+    for mode in baseline engine; do
+        start "$mode"
+        loadgen "closed-$mode-$r" --connections 4 --streams 16
+        h2 "h2load-$mode-$r"
+        stop
+    done
+done
+
+# 2. Open loop at a quarter and a half of the baseline's best closed-loop rate.
+peak=$(python3 -c "import json,glob; print(max(json.load(open(f))['rps'] for f in glob.glob('$OUT/closed-baseline-*.json')))")
+for share in 4 2; do
+    rate=$(python3 -c "print(int($peak/$share))")
+    for r in $(seq "$ROUNDS"); do
+        for mode in baseline engine; do
+            start "$mode"
+            loadgen "open$share-$mode-$r" --rate "$rate" --connections 4
+            stop
+        done
+    done
+done
+
+python3 - "$OUT" "$ROUNDS" <<'PY'
+import json, re, sys, statistics as st
+out, rounds = sys.argv[1], int(sys.argv[2])
+def lg(name): return json.load(open(f"{out}/{name}.json"))
+def h2(name):
+    t = open(f"{out}/{name}.txt").read()
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", t).group(1))
+    ok = re.search(r"(\d+) succeeded", t).group(1)
+    return rps, ok
+med = lambda xs: st.median(xs)
+print(f"rounds: {rounds}; medians; server on one core, client on another\n")
+print("closed loop (loadgen 4 x 16)      baseline      engine   engine/baseline")
+b = [lg(f"closed-baseline-{r}")["rps"] for r in range(1, rounds+1)]
+e = [lg(f"closed-engine-{r}")["rps"] for r in range(1, rounds+1)]
+print(f"  requests/s                   {med(b):>10.0f}  {med(e):>10.0f}   {med(e)/med(b):>6.2f}")
+bp = [lg(f"closed-baseline-{r}")["latency_us"]["p99"] for r in range(1, rounds+1)]
+ep = [lg(f"closed-engine-{r}")["latency_us"]["p99"] for r in range(1, rounds+1)]
+print(f"  p99 us                       {med(bp):>10.0f}  {med(ep):>10.0f}   {med(ep)/med(bp):>6.2f}")
+b = [h2(f"h2load-baseline-{r}")[0] for r in range(1, rounds+1)]
+e = [h2(f"h2load-engine-{r}")[0] for r in range(1, rounds+1)]
+print(f"h2load (16 x 16, dry-run body)\n  requests/s                   {med(b):>10.0f}  {med(e):>10.0f}   {med(e)/med(b):>6.2f}")
+for share in (4, 2):
+    rate = lg(f"open{share}-baseline-1")["rate"]
+    print(f"open loop at 1/{share} of the baseline peak ({rate:.0f}/s)")
+    for k in ("p50", "p99", "p999"):
+        b = [lg(f"open{share}-baseline-{r}")["latency_us"][k] for r in range(1, rounds+1)]
+        e = [lg(f"open{share}-engine-{r}")["latency_us"][k] for r in range(1, rounds+1)]
+        print(f"  {k} us                      {med(b):>10.0f}  {med(e):>10.0f}   {med(e)/med(b):>6.2f}")
+PY
