@@ -163,6 +163,21 @@ pub struct Facts {
 }
 
 impl Facts {
+    /// A field's value as text, without building a string (amount: None,
+    /// see [`Facts::write`]).
+    pub fn text(&self, field: Field) -> Option<&str> {
+        Some(match field {
+            Field::UserId => &self.user_id,
+            Field::Ip => &self.ip_text,
+            Field::DeviceId => &self.device_id,
+            Field::Target => &self.target,
+            Field::Channel => &self.channel,
+            Field::Product => &self.product,
+            Field::Currency => &self.currency,
+            Field::Amount => return None,
+        })
+    }
+
     /// Writes the value of `field` to `out`; false when it is empty (a window
     /// keyed on an empty field does not apply to this request).
     pub fn write(&self, field: Field, out: &mut String) -> bool {

@@ -602,7 +602,8 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
                 ));
             }
         }
-        match script::compile(&engine, &source, &def.file) {
+        let inlined = script::inline_params(&source, &names);
+        match script::compile(&engine, &inlined, &def.file) {
             Ok(ast) => {
                 for (name, line, col) in script::unknown_calls(&ast, &functions) {
                     problems.push(Problem::at(

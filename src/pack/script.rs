@@ -321,6 +321,61 @@ pub fn scope(ctx: Option<&Arc<Ctx>>) -> Scope<'static> {
     scope
 }
 
+/// Writes numeric and boolean parameters into the script as literals: a
+/// parameter is a constant of the pack, and a literal costs nothing at run
+/// time where `param.x` is a getter call. The literal is padded with spaces
+/// to the length of `param.x`, so every line:column an error names is still
+/// right; a parameter whose literal would not fit keeps its getter.
+pub fn inline_params(source: &str, names: &Names) -> String {
+    let mut out = source.to_string();
+    // Right to left, so earlier offsets stay valid.
+    let mut uses: Vec<NameUse> = name_uses(source)
+        .into_iter()
+        .filter(|u| u.namespace == "param")
+        .collect();
+    uses.sort_by_key(|u| std::cmp::Reverse((u.line, u.col)));
+    let line_starts: Vec<usize> = std::iter::once(0)
+        .chain(source.match_indices('\n').map(|(i, _)| i + 1))
+        .collect();
+    for u in uses {
+        let Some(value) = names.params.get(&u.name) else {
+            continue;
+        };
+        let literal = if let Some(n) = value.clone().try_cast::<i64>() {
+            n.to_string()
+        } else if let Some(x) = value.clone().try_cast::<f64>() {
+            format!("{x:?}")
+        } else if let Some(b) = value.clone().try_cast::<bool>() {
+            b.to_string()
+        } else {
+            continue;
+        };
+        // `x-param.n` must not become `x--5`.
+        let literal = if literal.starts_with('-') {
+            format!("({literal})")
+        } else {
+            literal
+        };
+        // `col` is the 1-based column of the name, in characters.
+        let Some(&start) = line_starts.get(u.line - 1) else {
+            continue;
+        };
+        let line = &source[start..];
+        let Some((name_at, _)) = line.char_indices().nth(u.col - 1) else {
+            continue;
+        };
+        let name_at = start + name_at;
+        let from = name_at - "param.".len();
+        let to = name_at + u.name.len();
+        if source.get(from..name_at) != Some("param.") || literal.len() > to - from {
+            continue;
+        }
+        let padded = format!("{literal:<width$}", width = to - from);
+        out.replace_range(from..to, &padded);
+    }
+    out
+}
+
 /// Compiles one rule script; errors carry the script's file, line and column.
 pub fn compile(engine: &Engine, source: &str, file: &str) -> Result<AST, Problem> {
     engine
@@ -561,6 +616,21 @@ mod tests {
                 ("skor".to_string(), 6, 21),
                 ("notise".to_string(), 7, 15)
             ]
+        );
+    }
+
+    #[test]
+    fn parameters_are_inlined_without_moving_positions() {
+        let mut names = Names::default();
+        names.params.insert("limit".into(), Dynamic::from(5_i64));
+        names.params.insert("ratio".into(), Dynamic::from(1.5_f64));
+        names
+            .params
+            .insert("label".into(), Dynamic::from("x".to_string()));
+        let src = "if window.n >= param.limit && x < param.ratio { `${param.label}` }\nparam.limit";
+        assert_eq!(
+            inline_params(src, &names),
+            "if window.n >= 5           && x < 1.5         { `${param.label}` }\n5          "
         );
     }
 

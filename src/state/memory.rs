@@ -414,11 +414,10 @@ fn delta(w: &Window, facts: &Facts) -> i64 {
     match w.aggregate {
         Aggregate::Count => 1,
         Aggregate::Sum => facts.amount,
-        Aggregate::Distinct(field) => {
-            let mut text = String::new();
-            facts.write(field, &mut text);
-            fnv1a(&[text.as_bytes()]) as i64
-        }
+        Aggregate::Distinct(field) => match facts.text(field) {
+            Some(text) => fnv1a(&[text.as_bytes()]) as i64,
+            None => fnv1a(&[&facts.amount.to_le_bytes()]) as i64,
+        },
     }
 }
 

@@ -47,14 +47,18 @@ pub struct Profile {
 impl Profile {
     pub fn view(&self, ts_ms: i64, span_ms: i64, loc: Option<&Location>) -> ProfileView {
         let from = ts_ms - span_ms;
-        let live = || {
-            self.recent
-                .iter()
-                .filter(|(t, _)| *t >= from && *t <= ts_ms)
+        let live: &[(i64, u64)] = {
+            let lo = self.recent.partition_point(|(t, _)| *t < from);
+            let hi = self.recent.partition_point(|(t, _)| *t <= ts_ms);
+            &self.recent[lo..hi.max(lo)]
         };
-        let mut regions: Vec<u64> = live().map(|(_, r)| *r).collect();
-        regions.sort_unstable();
-        regions.dedup();
+        // At most 32 events: counting distinct regions in place beats
+        // allocating a set on every request.
+        let usual_regions = live
+            .iter()
+            .enumerate()
+            .filter(|(i, (_, r))| !live[..*i].iter().any(|(_, q)| q == r))
+            .count() as i64;
         let (travel_km, travel_kmh) = match (self.last_point, loc) {
             (Some(p), Some(l)) if ts_ms >= p.ts_ms => {
                 let km = distance_km(p.lat, p.lon, l.latitude, l.longitude);
@@ -64,9 +68,9 @@ impl Profile {
             _ => (0.0, 0.0),
         };
         ProfileView {
-            located_events: live().count() as i64,
-            usual_region: loc.is_some_and(|l| regions.binary_search(&l.region_key).is_ok()),
-            usual_regions: regions.len() as i64,
+            located_events: live.len() as i64,
+            usual_region: loc.is_some_and(|l| live.iter().any(|(_, r)| *r == l.region_key)),
+            usual_regions,
             last_login_new_region: self.last_login.is_some_and(|(_, new)| new),
             secs_since_login: self
                 .last_login
