@@ -181,21 +181,16 @@ impl Facts {
     /// Writes the value of `field` to `out`; false when it is empty (a window
     /// keyed on an empty field does not apply to this request).
     pub fn write(&self, field: Field, out: &mut String) -> bool {
-        let text = match field {
-            Field::UserId => &self.user_id,
-            Field::Ip => &self.ip_text,
-            Field::DeviceId => &self.device_id,
-            Field::Target => &self.target,
-            Field::Channel => &self.channel,
-            Field::Product => &self.product,
-            Field::Currency => &self.currency,
-            Field::Amount => {
-                let _ = write!(out, "{}", self.amount);
-                return true;
+        match self.text(field) {
+            Some(text) => {
+                out.push_str(text);
+                !text.is_empty()
             }
-        };
-        out.push_str(text);
-        !text.is_empty()
+            None => {
+                let _ = write!(out, "{}", self.amount);
+                true
+            }
+        }
     }
 }
 

@@ -236,19 +236,6 @@ fn pack_copy(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
     dir
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
-
 fn add_rule(dir: &Path, id: &str, script: &str, extra: &str) {
     std::fs::write(dir.join(format!("{id}.rhai")), script).unwrap();
     let mut manifest = std::fs::read_to_string(dir.join("pack.toml")).unwrap();

@@ -191,3 +191,17 @@ pub fn assert_decision(d: &pb::Decision, want: pb::Action, code: Option<&str>) {
         None => assert!(d.reasons.is_empty(), "expected no reasons: {d:#?}"),
     }
 }
+
+/// Copies a folder tree (a rule pack) for a test to edit.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
