@@ -209,16 +209,9 @@ fn test_pack(dir: &std::path::Path, geo: Option<&std::path::Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let geo = match riskgate::server::open_geo(geo) {
-        Ok(g) => g,
-        Err(e) => return fail(e),
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return fail(e),
+    let (geo, runtime) = match offline(geo) {
+        Ok(both) => both,
+        Err(code) => return code,
     };
     let outcomes = runtime.block_on(riskgate::scenario::run_all(&pack, &geo));
     if outcomes.is_empty() {
@@ -235,21 +228,27 @@ fn test_pack(dir: &std::path::Path, geo: Option<&std::path::Path>) -> ExitCode {
     }
 }
 
+/// What the offline commands (test, replay) need: the geo database and a
+/// single-threaded runtime (they decide one event after another).
+fn offline(
+    geo: Option<&std::path::Path>,
+) -> Result<(riskgate::geo::GeoDb, tokio::runtime::Runtime), ExitCode> {
+    let geo = riskgate::server::open_geo(geo).map_err(fail)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(fail)?;
+    Ok((geo, runtime))
+}
+
 fn replay(
     options: &riskgate::replay::Options,
     geo: Option<&std::path::Path>,
     json: bool,
 ) -> ExitCode {
-    let geo = match riskgate::server::open_geo(geo) {
-        Ok(g) => g,
-        Err(e) => return fail(e),
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return fail(e),
+    let (geo, runtime) = match offline(geo) {
+        Ok(both) => both,
+        Err(code) => return code,
     };
     match runtime.block_on(riskgate::replay::run(options, &geo)) {
         Ok(summary) if json => match serde_json::to_string_pretty(&summary) {
