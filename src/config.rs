@@ -46,6 +46,26 @@ pub struct Config {
     pub decision_log_keep: usize,
     /// Records that may wait for the log writer before new ones are dropped.
     pub decision_log_queue: usize,
+    /// Where windows, profiles and idempotency records live: `memory` (this
+    /// process only) or `redis://host:port/db` (shared by every instance
+    /// pointed at it; `rediss://` for TLS is not built in).
+    pub state: String,
+    /// How long one request may wait for shared state (Redis) before the
+    /// pack's `on_state_unavailable` decides without it, e.g. "5ms".
+    pub state_timeout: String,
+    /// Prefix of every Redis key; it is also the Redis Cluster hash tag, so
+    /// that one request's keys share one slot. Instances that share windows
+    /// must share the prefix.
+    pub redis_prefix: String,
+    /// In-memory state only: a snapshot file written every
+    /// `snapshot_interval` and at shutdown, and loaded at start; unset: none.
+    pub snapshot: Option<PathBuf>,
+    /// How often the snapshot is written, e.g. "60s". A kill -9 loses at
+    /// most this much of the fraud memory.
+    pub snapshot_interval: String,
+    /// Start empty when the snapshot is corrupt or from an incompatible
+    /// version, instead of refusing to start.
+    pub discard_bad_snapshot: bool,
 }
 
 impl Default for Config {
@@ -67,6 +87,12 @@ impl Default for Config {
             decision_log_max_bytes: 256 << 20,
             decision_log_keep: 5,
             decision_log_queue: 65_536,
+            state: "memory".to_string(),
+            state_timeout: "5ms".to_string(),
+            redis_prefix: "riskgate".to_string(),
+            snapshot: None,
+            snapshot_interval: "60s".to_string(),
+            discard_bad_snapshot: false,
         }
     }
 }
@@ -84,6 +110,19 @@ pub enum ConfigError {
     Duration { field: &'static str, value: String },
     #[error("config: admin_listen {0} is not a loopback address: set admin_token to expose it")]
     OpenAdmin(SocketAddr),
+    #[error("config: state `{0}` is neither `memory` nor a redis://host:port/db URL")]
+    State(String),
+    #[error("config: redis_prefix `{0}` must be non-empty and free of `{{`, `}}` and spaces")]
+    RedisPrefix(String),
+    #[error("config: a snapshot is for the in-memory store; with state = `{0}` the shared store keeps state")]
+    SnapshotWithRedis(String),
+}
+
+/// Where state lives, from [`Config::state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateBackend {
+    Memory,
+    Redis(String),
 }
 
 impl Config {
@@ -109,6 +148,34 @@ impl Config {
 
     pub fn sweep_interval_ms(&self) -> Result<i64, ConfigError> {
         duration("sweep_interval", &self.sweep_interval)
+    }
+
+    pub fn state_timeout_ms(&self) -> Result<i64, ConfigError> {
+        duration("state_timeout", &self.state_timeout)
+    }
+
+    pub fn snapshot_interval_ms(&self) -> Result<i64, ConfigError> {
+        duration("snapshot_interval", &self.snapshot_interval)
+    }
+
+    /// The state backend, checked against the rest of the config.
+    pub fn state_backend(&self) -> Result<StateBackend, ConfigError> {
+        let state = self.state.trim();
+        let backend = if state == "memory" {
+            StateBackend::Memory
+        } else if state.starts_with("redis://") {
+            StateBackend::Redis(state.to_string())
+        } else {
+            return Err(ConfigError::State(self.state.clone()));
+        };
+        let prefix = &self.redis_prefix;
+        if prefix.is_empty() || prefix.contains(['{', '}', ' ']) {
+            return Err(ConfigError::RedisPrefix(prefix.clone()));
+        }
+        if backend != StateBackend::Memory && self.snapshot.is_some() {
+            return Err(ConfigError::SnapshotWithRedis(self.state.clone()));
+        }
+        Ok(backend)
     }
 
     pub fn watch_interval_ms(&self) -> Result<i64, ConfigError> {
@@ -168,6 +235,28 @@ mod tests {
         );
         assert_eq!(example.decision_log_keep, defaults.decision_log_keep);
         assert_eq!(example.decision_log_queue, defaults.decision_log_queue);
+        assert_eq!(example.state_backend().unwrap(), StateBackend::Memory);
+        assert_eq!(example.state_timeout_ms().unwrap(), 5);
+        assert_eq!(example.redis_prefix, defaults.redis_prefix);
+        assert_eq!(example.snapshot, defaults.snapshot);
+        assert_eq!(example.snapshot_interval_ms().unwrap(), 60_000);
+        assert_eq!(example.discard_bad_snapshot, defaults.discard_bad_snapshot);
+    }
+
+    #[test]
+    fn state_backends() {
+        let c = |text: &str| toml::from_str::<Config>(text).unwrap();
+        assert_eq!(
+            c("state = \"redis://127.0.0.1:6379/0\"")
+                .state_backend()
+                .unwrap(),
+            StateBackend::Redis("redis://127.0.0.1:6379/0".into())
+        );
+        let bad = c("state = \"mysql://x\"").state_backend().unwrap_err();
+        assert!(bad.to_string().contains("mysql://x"), "{bad}");
+        assert!(c("redis_prefix = \"a{b}\"").state_backend().is_err());
+        let both = c("state = \"redis://h/0\"\nsnapshot = \"s.bin\"");
+        assert!(both.state_backend().is_err());
     }
 
     #[test]

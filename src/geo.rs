@@ -15,7 +15,7 @@ use ipnetwork::IpNetwork;
 use serde::Deserialize;
 
 /// One located place. Built once per database record; lookups hand out `Arc` clones.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Location {
     /// ISO 3166-1 alpha-2 country code, e.g. "CN".
     pub country: String,

@@ -49,6 +49,18 @@ enum Command {
         /// Benchmark floor: the same service answering ALLOW, with no rules and no state.
         #[arg(long)]
         baseline: bool,
+        /// Where state lives: `memory` or `redis://host:port/db` [default: memory].
+        #[arg(long, env = "RISKGATE_STATE")]
+        state: Option<String>,
+        /// In-memory state: snapshot file, loaded at start and written periodically and at shutdown.
+        #[arg(long, env = "RISKGATE_SNAPSHOT")]
+        snapshot: Option<PathBuf>,
+        /// How often the snapshot is written, e.g. 60s [default: 60s].
+        #[arg(long)]
+        snapshot_interval: Option<String>,
+        /// Start empty when the snapshot is corrupt or incompatible, instead of refusing to start.
+        #[arg(long)]
+        discard_bad_snapshot: bool,
     },
     /// Load and compile a rule pack as the server would; report every problem.
     Check {
@@ -110,6 +122,10 @@ fn main() -> ExitCode {
             decision_log,
             no_watch,
             baseline,
+            state,
+            snapshot,
+            snapshot_interval,
+            discard_bad_snapshot,
         } => {
             let mut cfg = match config.as_deref().map(Config::from_file).transpose() {
                 Ok(c) => c.unwrap_or_default(),
@@ -135,6 +151,18 @@ fn main() -> ExitCode {
             }
             if no_watch {
                 cfg.watch_rules = false;
+            }
+            if let Some(s) = state {
+                cfg.state = s;
+            }
+            if snapshot.is_some() {
+                cfg.snapshot = snapshot;
+            }
+            if let Some(every) = snapshot_interval {
+                cfg.snapshot_interval = every;
+            }
+            if discard_bad_snapshot {
+                cfg.discard_bad_snapshot = true;
             }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

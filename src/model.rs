@@ -145,7 +145,7 @@ impl Field {
 
 /// The fields of a recharge that windows are keyed on, kept after the decision
 /// so outcomes can find the same keys.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Facts {
     pub user_id: String,
     /// The address in canonical text form, so one address is one key.
