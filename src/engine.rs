@@ -7,15 +7,25 @@
 //! same code serve gRPC, tests and (later) backtests.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::decision::{combine, Decision};
+use crate::decision::{combine, Action, Decision, Reason};
 use crate::decision_log::{self, DecisionLog, Record};
-use crate::geo::GeoDb;
+use crate::geo::{GeoDb, Location};
 use crate::model::{Login, Outcome, OutcomeKind, Recharge};
+use crate::pack::manifest::{Policy, StateFailure};
 use crate::pack::Pack;
-use crate::state::{fnv1a, Conflict, Settled, Store};
+use crate::state::profile::Profile;
+use crate::state::redis::{Logged, Opened};
+use crate::state::{fnv1a, Begun, Conflict, MemoryStore, RedisStore, Settled, StateError, Store};
+
+/// The code of the reason a decision made without state carries.
+pub const STATE_UNAVAILABLE: &str = "STATE_UNAVAILABLE";
+
+/// How long a retry waits for another instance to finish deciding its id.
+pub const IN_FLIGHT_WAIT: Duration = Duration::from_secs(2);
 
 /// A cheap `Clone` handle over the shared engine.
 #[derive(Clone)]
@@ -51,6 +61,10 @@ pub enum EngineError {
         given: String,
         decided: String,
     },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("request_id `{0}` is still being decided by another call; retry it")]
+    InFlight(String),
 }
 
 impl Engine {
@@ -91,10 +105,24 @@ impl Engine {
     /// the stored decision back and records nothing.
     pub async fn evaluate(&self, recharge: Recharge) -> Result<Evaluated, EngineError> {
         let pack = self.pack();
-        let store = &self.shared.store;
         let fingerprint = fingerprint(&recharge);
+        match &self.shared.store {
+            Store::Memory(m) => self.evaluate_local(m, &pack, recharge, fingerprint).await,
+            Store::Redis(r) => self.evaluate_shared(r, &pack, recharge, fingerprint).await,
+        }
+    }
+
+    /// In memory, concurrent retries of one id wait on the one cell the first
+    /// of them fills, so a retry storm decides once.
+    async fn evaluate_local(
+        &self,
+        store: &MemoryStore,
+        pack: &Pack,
+        recharge: Recharge,
+        fingerprint: u64,
+    ) -> Result<Evaluated, EngineError> {
         if recharge.dry_run {
-            if let Some(entry) = store.find(&recharge.request_id).await {
+            if let Some(entry) = store.find(&recharge.request_id) {
                 if entry.fingerprint != fingerprint {
                     return Err(Conflict(recharge.request_id).into());
                 }
@@ -102,20 +130,20 @@ impl Engine {
                     return Ok(replay(settled));
                 }
             }
-            let settled = self.decide(&pack, recharge, false).await;
+            let settled = self.decide_local(store, pack, recharge, false);
             return Ok(Evaluated {
                 decision: settled.decision,
                 replayed: false,
             });
         }
-        let claim = store.claim(&recharge.request_id, fingerprint).await?;
+        let claim = store.claim(&recharge.request_id, fingerprint)?;
         let mut fresh = false;
         let settled = claim
             .entry
             .settled
             .get_or_init(|| {
                 fresh = true;
-                self.decide(&pack, recharge, true)
+                async { self.decide_local(store, pack, recharge, true) }
             })
             .await;
         Ok(Evaluated {
@@ -124,14 +152,112 @@ impl Engine {
         })
     }
 
-    async fn decide(&self, pack: &Pack, recharge: Recharge, record: bool) -> Settled {
-        let started = std::time::Instant::now();
-        let store = &self.shared.store;
+    fn decide_local(
+        &self,
+        store: &MemoryStore,
+        pack: &Pack,
+        recharge: Recharge,
+        record: bool,
+    ) -> Settled {
+        let started = Instant::now();
         let location = self.shared.geo.lookup(recharge.ip);
-        let begun = store
-            .begin(&pack.plan, &recharge, location.as_deref(), record)
-            .await;
-        let (verdict, ctx) = pack.run(pack.context(recharge, location.clone(), begun));
+        let begun = store.begin(&pack.plan, &recharge, location.as_deref(), record);
+        let judged = self.judge(pack, recharge, location, begun, None, started);
+        if record {
+            let s = &judged.settled;
+            let loc = s.location.as_deref();
+            store.settle(&pack.plan, &s.facts, s.decision.action, judged.learn, loc);
+        }
+        judged.settled
+    }
+
+    /// In Redis, the request record is shared by every instance: a retry
+    /// that finds the id still being decided elsewhere waits for it (up to
+    /// [`IN_FLIGHT_WAIT`]). When state cannot be reached in time, the pack's
+    /// `on_state_unavailable` decides on what needs no state.
+    async fn evaluate_shared(
+        &self,
+        store: &Arc<RedisStore>,
+        pack: &Arc<Pack>,
+        recharge: Recharge,
+        fingerprint: u64,
+    ) -> Result<Evaluated, EngineError> {
+        let started = Instant::now();
+        let location = self.shared.geo.lookup(recharge.ip);
+        let record = !recharge.dry_run;
+        let opened = loop {
+            let opened = store
+                .open(
+                    &pack.plan,
+                    &recharge,
+                    location.as_deref(),
+                    fingerprint,
+                    record,
+                )
+                .await;
+            match opened {
+                Ok(Opened::Pending) if started.elapsed() < IN_FLIGHT_WAIT => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Ok(Opened::Pending) => return Err(EngineError::InFlight(recharge.request_id)),
+                other => break other,
+            }
+        };
+        let (begun, profile, failure) = match opened {
+            Ok(Opened::Decide { begun, profile }) => (begun, profile, None),
+            Ok(Opened::Replay(settled)) => return Ok(replay(&settled)),
+            Ok(Opened::Conflict) => return Err(Conflict(recharge.request_id).into()),
+            Ok(Opened::Pending) => unreachable!("waited for above"),
+            Err(e) => {
+                let ts = recharge.facts.timestamp_ms;
+                let span = pack.plan.profile_span_ms;
+                let begun = Begun {
+                    windows: vec![0; pack.plan.windows.len()],
+                    profile: Profile::default().view(ts, span, location.as_deref()),
+                };
+                (begun, None, Some(e))
+            }
+        };
+        let judged = self.judge(pack, recharge, location, begun, failure.as_ref(), started);
+        let decision = judged.settled.decision.clone();
+        let store_settles_inline = store.settles_inline();
+        if record && failure.is_none() {
+            let (store, pack) = (store.clone(), pack.clone());
+            let settle = async move {
+                let Judged { settled, learn } = judged;
+                if let Err(e) = store.settle(&pack.plan, &settled, learn, profile).await {
+                    tracing::warn!(request_id = %settled.decision.request_id, error = %e, "could not settle a decision in shared state");
+                }
+            };
+            if store_settles_inline {
+                settle.await;
+            } else {
+                // The answer does not wait for this second write: the request
+                // record says "pending" until it lands, and a retry waits.
+                tokio::spawn(settle);
+            }
+        }
+        Ok(Evaluated {
+            decision,
+            replayed: false,
+        })
+    }
+
+    /// Rules and combine: what every backend shares. Pure but for the
+    /// decision log.
+    fn judge(
+        &self,
+        pack: &Pack,
+        recharge: Recharge,
+        location: Option<Arc<Location>>,
+        begun: Begun,
+        failure: Option<&StateError>,
+        started: Instant,
+    ) -> Judged {
+        let (mut verdict, ctx) = pack.run(pack.context(recharge, location.clone(), begun));
+        if let Some(e) = failure {
+            verdict.reasons.push(state_unavailable(&pack.policy, e));
+        }
         // What the rules saw, for the log (only built when the log is on).
         let seen = self.shared.log.as_ref().map(|_| seen(pack, &ctx));
         let Recharge {
@@ -146,27 +272,16 @@ impl Engine {
             pack.leniency.as_ref(),
             pack.version.clone(),
         );
-        if record {
-            // An allow teaches the profile its region, unless a location
-            // anomaly was only let through by leniency: one small probe
-            // must not make a new region "usual" for large amounts.
-            let anomaly = pack.leniency.as_ref().is_some_and(|l| {
-                decision
-                    .shadow_reasons
-                    .iter()
-                    .any(|r| l.demote.contains(&r.code))
-            });
-            let learn = decision.action == crate::decision::Action::Allow && !anomaly;
-            store
-                .settle(
-                    &pack.plan,
-                    &facts,
-                    decision.action,
-                    learn,
-                    location.as_deref(),
-                )
-                .await;
-        }
+        // An allow teaches the profile its region, unless a location
+        // anomaly was only let through by leniency: one small probe must not
+        // make a new region "usual" for large amounts.
+        let anomaly = pack.leniency.as_ref().is_some_and(|l| {
+            decision
+                .shadow_reasons
+                .iter()
+                .any(|r| l.demote.contains(&r.code))
+        });
+        let learn = decision.action == Action::Allow && !anomaly;
         if let (Some(log), Some(mut seen)) = (&self.shared.log, seen) {
             seen.decision = decision.clone();
             seen.latency_us = started.elapsed().as_micros() as u64;
@@ -179,30 +294,41 @@ impl Engine {
             reasons = decision.reasons.len(),
             "decided"
         );
-        Settled {
-            decision: Arc::new(decision),
-            facts,
-            location,
+        Judged {
+            settled: Settled {
+                decision: Arc::new(decision),
+                facts,
+                location,
+            },
+            learn,
         }
     }
 
     /// Records a login. Returns true when `event_id` was seen before and
     /// nothing was recorded again.
     pub async fn record_login(&self, login: Login) -> Result<bool, EngineError> {
-        let store = &self.shared.store;
-        if !login.event_id.is_empty() {
-            let key = format!("\u{1e}event\u{1f}{}", login.event_id);
-            let fp = fnv1a(&[login.user_id.as_bytes()]);
-            let claim = store.claim(&key, fp).await?;
-            if !claim.fresh {
-                return Ok(true);
-            }
-        }
         let pack = self.pack();
         let location = login.ip.and_then(|ip| self.shared.geo.lookup(ip));
-        store
-            .record_login(&pack.plan, &login, location.as_deref())
-            .await;
+        let event_key = || format!("\u{1e}event\u{1f}{}", login.event_id);
+        let fp = fnv1a(&[login.user_id.as_bytes()]);
+        match &self.shared.store {
+            Store::Memory(m) => {
+                if !login.event_id.is_empty() && !m.claim(&event_key(), fp)?.fresh {
+                    return Ok(true);
+                }
+                m.record_login(&pack.plan, &login, location.as_deref());
+            }
+            Store::Redis(r) => {
+                match r
+                    .record_login(&pack.plan, &login, location.as_deref(), fp)
+                    .await?
+                {
+                    Logged::Recorded => {}
+                    Logged::Seen => return Ok(true),
+                    Logged::Conflict => return Err(Conflict(event_key()).into()),
+                }
+            }
+        }
         if let Some(log) = &self.shared.log {
             log.offer(Record::Login(decision_log::LoginRecord {
                 event_id: login.event_id,
@@ -219,34 +345,79 @@ impl Engine {
     /// Applies what became of a decided request. Returns true when this
     /// outcome was already applied.
     pub async fn report_outcome(&self, outcome: Outcome) -> Result<bool, EngineError> {
-        let store = &self.shared.store;
         let unknown = || EngineError::UnknownRequest(outcome.request_id.clone());
-        let entry = store.find(&outcome.request_id).await.ok_or_else(unknown)?;
-        let settled = entry.settled.get().ok_or_else(unknown)?;
-        if !outcome.user_id.is_empty() && outcome.user_id != settled.facts.user_id {
-            return Err(EngineError::UserMismatch {
-                request_id: outcome.request_id,
-                given: outcome.user_id,
-                decided: settled.facts.user_id.clone(),
-            });
-        }
-        if !entry.mark_outcome(outcome.kind) {
-            return Ok(true);
-        }
         let pack = self.pack();
-        store
-            .apply_outcome(&pack.plan, settled, outcome.kind, outcome.timestamp_ms)
-            .await;
+        let user_id = match &self.shared.store {
+            Store::Memory(m) => {
+                let entry = m.find(&outcome.request_id).ok_or_else(unknown)?;
+                let settled = entry.settled.get().ok_or_else(unknown)?;
+                check_user(&outcome, settled)?;
+                if !entry.mark_outcome(outcome.kind) {
+                    return Ok(true);
+                }
+                m.apply_outcome(&pack.plan, settled, outcome.kind, outcome.timestamp_ms);
+                settled.facts.user_id.clone()
+            }
+            Store::Redis(r) => {
+                let settled = r.find(&outcome.request_id).await?.ok_or_else(unknown)?;
+                check_user(&outcome, &settled)?;
+                if !r.mark_outcome(&outcome.request_id, outcome.kind).await? {
+                    return Ok(true);
+                }
+                r.apply_outcome(&pack.plan, &settled, outcome.kind, outcome.timestamp_ms)
+                    .await?;
+                settled.facts.user_id.clone()
+            }
+        };
         if let Some(log) = &self.shared.log {
             log.offer(Record::Outcome(decision_log::OutcomeRecord {
                 request_id: outcome.request_id,
-                user_id: settled.facts.user_id.clone(),
+                user_id,
                 outcome: outcome_name(outcome.kind).to_string(),
                 timestamp_ms: outcome.timestamp_ms,
             }));
         }
         Ok(false)
     }
+}
+
+/// An outcome that names a user must name the decided one.
+fn check_user(outcome: &Outcome, settled: &Settled) -> Result<(), EngineError> {
+    if !outcome.user_id.is_empty() && outcome.user_id != settled.facts.user_id {
+        return Err(EngineError::UserMismatch {
+            request_id: outcome.request_id.clone(),
+            given: outcome.user_id.clone(),
+            decided: settled.facts.user_id.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The reason a decision made without state carries; its action is the
+/// pack's `on_state_unavailable`.
+fn state_unavailable(policy: &Policy, e: &StateError) -> Reason {
+    let (action, challenge) = match policy.on_state_unavailable {
+        StateFailure::Open => (Action::Allow, String::new()),
+        StateFailure::Challenge => (Action::Challenge, policy.default_challenge.clone()),
+        StateFailure::Block => (Action::Block, String::new()),
+    };
+    tracing::debug!(error = %e, "decided without state");
+    Reason {
+        rule_id: Arc::from("state"),
+        code: STATE_UNAVAILABLE.to_string(),
+        message: "risk history is temporarily unavailable; decided on the request alone"
+            .to_string(),
+        action,
+        score: 0,
+        challenge,
+    }
+}
+
+/// A decision, and what settling it needs.
+struct Judged {
+    settled: Settled,
+    /// The request may teach the user's profile its region.
+    learn: bool,
 }
 
 /// The log's record of what the rules of one request saw.

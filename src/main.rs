@@ -97,6 +97,10 @@ enum Command {
         /// IP location database [default: geo/demo.csv].
         #[arg(long, env = "RISKGATE_GEO")]
         geo: Option<PathBuf>,
+        /// Run them on a Redis (redis://host:port/db) instead of in memory,
+        /// each scenario under its own key prefix.
+        #[arg(long)]
+        state: Option<String>,
     },
     /// Drive Evaluate over gRPC with a realistic traffic mix and report latency percentiles.
     Loadgen(riskgate::loadgen::Args),
@@ -182,7 +186,13 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Command::Test { pack, geo } => test_pack(&pack, geo.as_deref()),
+        Command::Test { pack, geo, state } => {
+            let fresh = match state {
+                Some(url) => riskgate::scenario::Fresh::Redis(url),
+                None => riskgate::scenario::Fresh::Memory,
+            };
+            test_pack(&pack, geo.as_deref(), &fresh)
+        }
         Command::Replay {
             logs,
             pack,
@@ -226,7 +236,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn test_pack(dir: &std::path::Path, geo: Option<&std::path::Path>) -> ExitCode {
+fn test_pack(
+    dir: &std::path::Path,
+    geo: Option<&std::path::Path>,
+    fresh: &riskgate::scenario::Fresh,
+) -> ExitCode {
     let pack = match riskgate::pack::Pack::load(dir) {
         Ok(p) => std::sync::Arc::new(p),
         Err(e) => {
@@ -241,7 +255,7 @@ fn test_pack(dir: &std::path::Path, geo: Option<&std::path::Path>) -> ExitCode {
         Ok(both) => both,
         Err(code) => return code,
     };
-    let outcomes = runtime.block_on(riskgate::scenario::run_all(&pack, &geo));
+    let outcomes = runtime.block_on(riskgate::scenario::run_all_on(&pack, &geo, fresh));
     if outcomes.is_empty() {
         println!(
             "{}: no scenarios in {}",

@@ -37,7 +37,8 @@ use crate::engine::Engine;
 use crate::geo::GeoDb;
 use crate::pack::Pack;
 use crate::pb;
-use crate::state::{MemoryStore, Store};
+use crate::state::redis::RedisConfig;
+use crate::state::{MemoryStore, RedisStore, Store};
 
 /// The clock every scenario starts at (2024-01-01T00:00:00Z): fixed, so runs
 /// are reproducible.
@@ -187,18 +188,64 @@ pub fn files(pack_dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Runs every scenario of `pack` (from `pack.dir/tests`).
+/// Where a scenario's fresh, empty state comes from.
+#[derive(Debug, Clone, Default)]
+pub enum Fresh {
+    /// A new in-memory store per scenario.
+    #[default]
+    Memory,
+    /// A Redis server: each scenario gets its own key prefix there, so
+    /// scenarios never see each other's keys (they expire by their TTLs).
+    Redis(String),
+}
+
+impl Fresh {
+    async fn store(&self, scenario: &str) -> Result<Store, String> {
+        match self {
+            Fresh::Memory => Ok(Store::Memory(Arc::new(
+                MemoryStore::new(Default::default()),
+            ))),
+            Fresh::Redis(url) => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let config = RedisConfig {
+                    url: url.clone(),
+                    prefix: format!("rgtest-{}-{nanos}-{scenario}", std::process::id()),
+                    timeout_ms: 2_000,
+                    idempotency_ttl_ms: 3_600_000,
+                    // Each step must see the last one's settlement.
+                    inline_settle: true,
+                };
+                let store = RedisStore::connect(config)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !store.is_available() {
+                    return Err(format!("redis at {url} is not reachable"));
+                }
+                Ok(Store::Redis(Arc::new(store)))
+            }
+        }
+    }
+}
+
+/// Runs every scenario of `pack` (from `pack.dir/tests`) on the in-memory store.
 pub async fn run_all(pack: &Arc<Pack>, geo: &GeoDb) -> Vec<Outcome> {
+    run_all_on(pack, geo, &Fresh::Memory).await
+}
+
+/// Runs every scenario of `pack`, each on fresh state from `fresh`.
+pub async fn run_all_on(pack: &Arc<Pack>, geo: &GeoDb, fresh: &Fresh) -> Vec<Outcome> {
     let mut out = Vec::new();
     for file in files(&pack.dir) {
-        out.push(run_file(pack, geo, &file).await);
+        out.push(run_file(pack, geo, &file, fresh).await);
     }
     pack.reset_hits();
     out
 }
 
-/// Runs one scenario file on a fresh store.
-pub async fn run_file(pack: &Arc<Pack>, geo: &GeoDb, file: &Path) -> Outcome {
+/// Runs one scenario file on fresh state.
+pub async fn run_file(pack: &Arc<Pack>, geo: &GeoDb, file: &Path, fresh: &Fresh) -> Outcome {
     let stem = file
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
@@ -224,7 +271,13 @@ pub async fn run_file(pack: &Arc<Pack>, geo: &GeoDb, file: &Path) -> Outcome {
     if !scenario.name.is_empty() {
         outcome.name = scenario.name.clone();
     }
-    let store = Store::Memory(Arc::new(MemoryStore::new(Default::default())));
+    let store = match fresh.store(&outcome.name).await {
+        Ok(store) => store,
+        Err(e) => {
+            outcome.failures.push(e);
+            return outcome;
+        }
+    };
     let engine = Engine::new(pack.clone(), store, geo.clone(), None);
     let mut now = EPOCH_MS;
     for (n, step) in scenario.steps.iter().enumerate() {

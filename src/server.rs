@@ -6,13 +6,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, StateBackend};
 use crate::decision_log::DecisionLog;
 use crate::engine::Engine;
 use crate::geo::{GeoDb, GeoError};
 use crate::pack::{LoadError, Pack};
 use crate::reload::Reloader;
-use crate::state::{MemoryStore, Store};
+use crate::state::redis::RedisConfig;
+use crate::state::{MemoryStore, RedisStore, StateError, Store};
 
 /// The demo location data, built in so the server runs from any directory.
 pub const DEMO_GEO: &str = include_str!("../geo/demo.csv");
@@ -34,6 +35,8 @@ pub enum StartError {
     Serve(#[from] tonic::transport::Error),
     #[error("cannot open the decision log: {0}")]
     Log(std::io::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 /// Opens the configured geo database, or the demo data.
@@ -46,11 +49,24 @@ pub fn open_geo(path: Option<&Path>) -> Result<GeoDb, GeoError> {
 }
 
 /// Builds the engine a config describes.
-pub fn build(config: &Config) -> Result<Engine, StartError> {
+pub async fn build(config: &Config) -> Result<Engine, StartError> {
     config.check_admin()?;
+    let backend = config.state_backend()?;
     let pack = Pack::load(&config.rules)?;
     let geo = open_geo(config.geo.as_deref())?;
-    let store = Store::Memory(Arc::new(MemoryStore::new(config.memory_limits()?)));
+    let store = match backend {
+        StateBackend::Memory => Store::Memory(Arc::new(MemoryStore::new(config.memory_limits()?))),
+        StateBackend::Redis(url) => {
+            let redis = RedisConfig {
+                url,
+                prefix: config.redis_prefix.clone(),
+                timeout_ms: config.state_timeout_ms()?,
+                idempotency_ttl_ms: config.memory_limits()?.idempotency_ttl_ms,
+                inline_settle: false,
+            };
+            Store::Redis(Arc::new(RedisStore::connect(redis).await?))
+        }
+    };
     let log = config
         .log_config()
         .map(DecisionLog::open)
@@ -62,6 +78,7 @@ pub fn build(config: &Config) -> Result<Engine, StartError> {
         rules = pack.rules.len(),
         windows = pack.plan.windows.len(),
         geo = %geo.describe(),
+        state = %store.describe(),
         "rule pack loaded"
     );
     Ok(Engine::new(Arc::new(pack), store, geo, log))
@@ -87,7 +104,7 @@ pub fn spawn_sweeper(engine: &Engine, every: Duration) -> tokio::task::JoinHandl
 
 /// Runs the server until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let engine = build(&config)?;
+    let engine = build(&config).await?;
     let listen = |addr| async move {
         crate::api::bind(addr)
             .await

@@ -28,7 +28,7 @@ async fn start() -> (String, tokio::sync::oneshot::Sender<()>) {
         geo: Some(root.join("geo/demo.csv")),
         ..Default::default()
     };
-    let engine = riskgate::server::build(&config).expect("engine");
+    let engine = riskgate::server::build(&config).await.expect("engine");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

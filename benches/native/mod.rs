@@ -1277,7 +1277,7 @@ pub fn check(pack: &Arc<Pack>, geo: &GeoDb, native: &Arc<Native>, steps: usize) 
         match traffic.next_step() {
             Step::Recharge(r) => {
                 let id = r.request_id.clone();
-                let capture = (out.decisions % 16 == 0).then_some(&mut out.ctxs);
+                let capture = out.decisions.is_multiple_of(16).then_some(&mut out.ctxs);
                 let a = rhai.evaluate_with(r.clone(), Rules::Rhai, capture);
                 let b = nat.evaluate(r, Rules::Native);
                 assert!(

@@ -15,6 +15,7 @@ use crate::decision::{Action, Decision, Reason};
 use crate::engine::{Engine, EngineError, Evaluated};
 use crate::pb;
 use crate::pb::risk_engine_server::{RiskEngine, RiskEngineServer};
+use crate::state::Store;
 
 /// The RiskEngine service over an [`Engine`].
 #[derive(Clone)]
@@ -99,6 +100,8 @@ fn status(e: EngineError) -> Status {
         EngineError::Conflict(_) => Status::already_exists(e.to_string()),
         EngineError::UnknownRequest(_) => Status::not_found(e.to_string()),
         EngineError::UserMismatch { .. } => Status::invalid_argument(format!("user_id: {e}")),
+        EngineError::State(_) => Status::unavailable(e.to_string()),
+        EngineError::InFlight(_) => Status::aborted(e.to_string()),
     }
 }
 
@@ -146,7 +149,14 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    serve_service(RiskEngineServer::new(Api::new(engine)), listener, shutdown).await
+    let store = engine.store().clone();
+    serve_service(
+        RiskEngineServer::new(Api::new(engine)),
+        Some(store),
+        listener,
+        shutdown,
+    )
+    .await
 }
 
 /// Serves [`Baseline`] the same way (health and reflection included).
@@ -154,7 +164,7 @@ pub async fn serve_baseline(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    serve_service(RiskEngineServer::new(Baseline), listener, shutdown).await
+    serve_service(RiskEngineServer::new(Baseline), None, listener, shutdown).await
 }
 
 /// Server reflection, v1 and v1alpha: grpcurl 1.8.6 (the one on PyPI),
@@ -182,22 +192,56 @@ fn reflection() -> (
     )
 }
 
+/// The health service name that reports whether state can be reached.
+/// The RiskEngine service itself stays SERVING while state is down: it
+/// still answers, as the pack's `on_state_unavailable` says.
+pub const STATE_HEALTH: &str = "riskgate.v1.State";
+
 async fn serve_service<S: RiskEngine>(
     service: RiskEngineServer<S>,
+    state: Option<Store>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RiskEngineServer<S>>().await;
+    let watch = state.map(|store| tokio::spawn(watch_state(store, health)));
     let (reflection_v1, reflection_v1alpha) = reflection();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await;
+    if let Some(watch) = watch {
+        watch.abort();
+    }
+    served
+}
+
+/// Keeps [`STATE_HEALTH`] current: checks shared state every second (which
+/// also brings a dropped Redis connection back without waiting for traffic).
+async fn watch_state(store: Store, health: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    let mut last = None;
+    loop {
+        let up = match &store {
+            Store::Memory(_) => true,
+            Store::Redis(r) => r.ping(std::time::Duration::from_secs(1)).await.is_ok(),
+        };
+        if last != Some(up) {
+            let status = if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(STATE_HEALTH, status).await;
+            last = Some(up);
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// Serves RuleAdmin (and reflection) on its own listener until `shutdown`.

@@ -60,6 +60,11 @@ pub struct Policy {
     pub allowlists: Vec<String>,
     /// Small-amount leniency: below an amount, some codes alone only note.
     pub leniency: Option<Leniency>,
+    /// What a request gets when shared state (Redis) cannot be reached in
+    /// time: `open` decides on what needs no state, `challenge` or `block`.
+    /// Every such decision carries a STATE_UNAVAILABLE reason.
+    #[serde(default)]
+    pub on_state_unavailable: StateFailure,
 }
 
 impl Default for Policy {
@@ -71,6 +76,7 @@ impl Default for Policy {
             block_score: None,
             allowlists: Vec::new(),
             leniency: None,
+            on_state_unavailable: StateFailure::default(),
         }
     }
 }
@@ -105,6 +111,21 @@ pub enum OnError {
     /// The request is challenged.
     Challenge,
     /// The request is blocked.
+    Block,
+}
+
+/// What to do without state (see [`Policy::on_state_unavailable`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateFailure {
+    /// Fail open: the rules run on empty windows and profile, so whatever
+    /// needs no state (lists, account status, real name, single amounts)
+    /// still decides; the STATE_UNAVAILABLE reason itself allows.
+    #[default]
+    Open,
+    /// Fail closed, softly: at least a challenge.
+    Challenge,
+    /// Fail closed: block.
     Block,
 }
 

@@ -8,16 +8,16 @@
 
 pub mod memory;
 pub mod profile;
+pub mod redis;
 pub mod window;
 
 use std::sync::Arc;
 
 pub use memory::{Claim, MemoryStore, Settled, StoreStats};
 pub use profile::ProfileView;
+pub use redis::RedisStore;
 
-use crate::decision::Action;
-use crate::geo::Location;
-use crate::model::{Facts, Field, Login, OutcomeKind, Recharge};
+use crate::model::{Facts, Field, OutcomeKind};
 use window::Shape;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,7 @@ impl Counts {
         matches!(self, Counts::LoginSucceeded | Counts::LoginFailed)
     }
 
-    fn of_outcome(kind: OutcomeKind) -> Option<Counts> {
+    pub(crate) fn of_outcome(kind: OutcomeKind) -> Option<Counts> {
         match kind {
             OutcomeKind::Succeeded => Some(Counts::Succeeded),
             OutcomeKind::Failed => Some(Counts::Failed),
@@ -116,90 +116,118 @@ pub struct Begun {
 }
 
 /// The state backend. An enum, not a trait object: dispatch stays static and
-/// allocation-free on the hot path, and a Redis variant slots in beside it.
+/// allocation-free on the hot path. The engine matches on it where the two
+/// differ in kind (in memory, concurrent retries wait on one in-process cell;
+/// in Redis they find the shared record), and calls the shared methods below
+/// where they do not.
 #[derive(Clone)]
 pub enum Store {
     Memory(Arc<MemoryStore>),
+    Redis(Arc<RedisStore>),
 }
 
 impl Store {
-    /// Claims `request_id` for a new decision, or finds the earlier one.
-    pub async fn claim(&self, request_id: &str, fingerprint: u64) -> Result<Claim, Conflict> {
-        match self {
-            Store::Memory(m) => m.claim(request_id, fingerprint),
-        }
-    }
-
-    /// Finds a decided request without claiming it (dry runs, outcomes).
-    pub async fn find(&self, request_id: &str) -> Option<Arc<memory::IdemEntry>> {
-        match self {
-            Store::Memory(m) => m.find(request_id),
-        }
-    }
-
-    /// Records the request in its windows (unless `record` is false) and reads
-    /// every window value and the user's profile, in one step.
-    pub async fn begin(
-        &self,
-        plan: &WindowPlan,
-        recharge: &Recharge,
-        location: Option<&Location>,
-        record: bool,
-    ) -> Begun {
-        match self {
-            Store::Memory(m) => m.begin(plan, recharge, location, record),
-        }
-    }
-
-    /// Settles a decided request: releases reservations of a block, and,
-    /// when `learn`, teaches the user's profile the request's region.
-    pub async fn settle(
-        &self,
-        plan: &WindowPlan,
-        facts: &Facts,
-        action: Action,
-        learn: bool,
-        location: Option<&Location>,
-    ) {
-        match self {
-            Store::Memory(m) => m.settle(plan, facts, action, learn, location),
-        }
-    }
-
-    pub async fn record_login(
-        &self,
-        plan: &WindowPlan,
-        login: &Login,
-        location: Option<&Location>,
-    ) {
-        match self {
-            Store::Memory(m) => m.record_login(plan, login, location),
-        }
-    }
-
-    pub async fn apply_outcome(
-        &self,
-        plan: &WindowPlan,
-        settled: &Settled,
-        kind: OutcomeKind,
-        ts_ms: i64,
-    ) {
-        match self {
-            Store::Memory(m) => m.apply_outcome(plan, settled, kind, ts_ms),
-        }
-    }
-
-    /// Drops idle keys and expired records; run periodically.
+    /// Drops idle keys and expired records; run periodically. Redis expires
+    /// its keys by itself (every key carries a TTL).
     pub fn expire(&self, now_ms: i64, profile_span_ms: i64) {
         match self {
             Store::Memory(m) => m.expire(now_ms, profile_span_ms),
+            Store::Redis(_) => {}
         }
     }
 
     pub fn stats(&self) -> StoreStats {
         match self {
             Store::Memory(m) => m.stats(),
+            Store::Redis(_) => StoreStats::default(),
         }
+    }
+
+    /// Whether state can be reached now (memory: always).
+    pub fn is_available(&self) -> bool {
+        match self {
+            Store::Memory(_) => true,
+            Store::Redis(r) => r.is_available(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Memory(_) => "memory".to_string(),
+            Store::Redis(r) => r.describe(),
+        }
+    }
+}
+
+/// Shared state could not be read or written in time.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StateError {
+    #[error("state did not answer within {0} ms")]
+    Timeout(i64),
+    #[error("state unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// How one request touches one window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Touch {
+    /// Add to the window and read it back, in one step.
+    Record(i64),
+    /// Read, counting this request in without recording it (dry run).
+    Include(i64),
+    /// Read only.
+    Read,
+}
+
+impl Touch {
+    /// How an evaluated recharge touches `w`: attempts and allowed money are
+    /// recorded (or, for a dry run, only counted in); the rest is read.
+    pub(crate) fn of_recharge(w: &Window, facts: &Facts, record: bool) -> Touch {
+        if !matches!(w.counts, Counts::Attempts | Counts::Allowed) || facts.amount < w.min_amount {
+            Touch::Read
+        } else if record {
+            Touch::Record(w.delta(facts))
+        } else {
+            Touch::Include(w.delta(facts))
+        }
+    }
+}
+
+impl Window {
+    /// What one request adds to the window: 1 for counts, the amount for
+    /// sums, the hash of the field for distinct counts.
+    pub fn delta(&self, facts: &Facts) -> i64 {
+        match self.aggregate {
+            Aggregate::Count => 1,
+            Aggregate::Sum => facts.amount,
+            Aggregate::Distinct(field) => match facts.text(field) {
+                Some(text) => fnv1a(&[text.as_bytes()]) as i64,
+                None => fnv1a(&[&facts.amount.to_le_bytes()]) as i64,
+            },
+        }
+    }
+
+    /// Whether a released reservation comes back out of this window.
+    pub fn releases(&self, facts: &Facts) -> bool {
+        self.counts == Counts::Allowed
+            && !matches!(self.aggregate, Aggregate::Distinct(_))
+            && facts.amount >= self.min_amount
+    }
+}
+
+impl KeyGroup {
+    /// Builds the group's key ("user_id\x1fu1") into `key`; false when a
+    /// field of the key is empty, and the group does not apply.
+    pub fn key(&self, facts: &Facts, key: &mut String) -> bool {
+        key.clear();
+        key.push_str(&self.prefix);
+        for &field in &self.fields {
+            key.push('\x1f');
+            if !facts.write(field, key) {
+                return false;
+            }
+        }
+        true
     }
 }
 

@@ -28,14 +28,14 @@ pub struct ProfileView {
     pub travel_kmh: f64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Point {
     ts_ms: i64,
     lat: f64,
     lon: f64,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Profile {
     /// (event time, region key), oldest first.
     recent: Vec<(i64, u64)>,
@@ -132,7 +132,72 @@ impl Profile {
     pub fn heap_bytes(&self) -> usize {
         self.recent.capacity() * std::mem::size_of::<(i64, u64)>()
     }
+
+    /// A compact, versioned byte form (Redis values, snapshots): a version
+    /// byte, flags, the optional last point and login, then the recent
+    /// events, all little-endian.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(PROFILE_FORMAT);
+        let flags = u8::from(self.last_point.is_some())
+            | u8::from(self.last_login.is_some()) << 1
+            | u8::from(self.last_login.is_some_and(|(_, new)| new)) << 2;
+        out.push(flags);
+        if let Some(p) = self.last_point {
+            out.extend_from_slice(&p.ts_ms.to_le_bytes());
+            out.extend_from_slice(&p.lat.to_le_bytes());
+            out.extend_from_slice(&p.lon.to_le_bytes());
+        }
+        if let Some((t, _)) = self.last_login {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        out.push(self.recent.len() as u8);
+        for (t, r) in &self.recent {
+            out.extend_from_slice(&t.to_le_bytes());
+            out.extend_from_slice(&r.to_le_bytes());
+        }
+    }
+
+    /// Reads [`Profile::encode`]'s form; None when it is not that.
+    pub fn decode(bytes: &[u8]) -> Option<Profile> {
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Option<[u8; 8]> {
+            let chunk = bytes.get(at..at + n)?;
+            at += n;
+            let mut b = [0u8; 8];
+            b[..n].copy_from_slice(chunk);
+            Some(b)
+        };
+        if take(1)?[0] != PROFILE_FORMAT {
+            return None;
+        }
+        let flags = take(1)?[0];
+        let i64_ = |b: [u8; 8]| i64::from_le_bytes(b);
+        let mut p = Profile::default();
+        if flags & 1 != 0 {
+            p.last_point = Some(Point {
+                ts_ms: i64_(take(8)?),
+                lat: f64::from_le_bytes(take(8)?),
+                lon: f64::from_le_bytes(take(8)?),
+            });
+        }
+        if flags & 2 != 0 {
+            p.last_login = Some((i64_(take(8)?), flags & 4 != 0));
+        }
+        let n = take(1)?[0] as usize;
+        if n > RECENT {
+            return None;
+        }
+        p.recent.reserve_exact(n);
+        for _ in 0..n {
+            p.recent
+                .push((i64_(take(8)?), u64::from_le_bytes(take(8)?)));
+        }
+        (at == bytes.len()).then_some(p)
+    }
 }
+
+/// The version byte of [`Profile::encode`].
+const PROFILE_FORMAT: u8 = 1;
 
 #[cfg(test)]
 mod tests {
@@ -173,6 +238,29 @@ mod tests {
             Some(&loc("Shanghai", 31.2304, 121.4737)),
         );
         assert!((v.travel_kmh - 1067.0).abs() < 30.0, "{v:?}");
+    }
+
+    #[test]
+    fn encodes_and_decodes() {
+        let mut p = Profile::default();
+        assert_eq!(roundtrip(&p), p);
+        p.login(0, 30 * DAY, Some(&loc("Beijing", 39.9, 116.4)));
+        p.login(60_000, 30 * DAY, Some(&loc("Hebei", 38.0, 114.5)));
+        let back = roundtrip(&p);
+        assert_eq!(back, p);
+        let mut bytes = Vec::new();
+        p.encode(&mut bytes);
+        for cut in 0..bytes.len() {
+            assert!(Profile::decode(&bytes[..cut]).is_none(), "cut at {cut}");
+        }
+        bytes.push(0);
+        assert!(Profile::decode(&bytes).is_none(), "trailing bytes");
+    }
+
+    fn roundtrip(p: &Profile) -> Profile {
+        let mut bytes = Vec::new();
+        p.encode(&mut bytes);
+        Profile::decode(&bytes).expect("decodes")
     }
 
     #[test]

@@ -33,12 +33,12 @@ impl Shape {
         }
     }
 
-    fn bucket(&self, ts_ms: i64) -> i64 {
+    pub fn bucket(&self, ts_ms: i64) -> i64 {
         ts_ms.div_euclid(self.bucket_ms)
     }
 
     /// The oldest bucket a read at `ts_ms` still covers.
-    fn first_bucket(&self, ts_ms: i64) -> i64 {
+    pub fn first_bucket(&self, ts_ms: i64) -> i64 {
         self.bucket(ts_ms - self.span_ms)
     }
 }

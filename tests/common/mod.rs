@@ -67,6 +67,11 @@ pub async fn start_logged(
         geo,
         log,
     );
+    start_engine(engine).await
+}
+
+/// Serves `engine` on 127.0.0.1:0 until the returned server is dropped.
+pub async fn start_engine(engine: Engine) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

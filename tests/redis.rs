@@ -1,0 +1,398 @@
+//! The Redis backend against a real redis-server, started by each test on a
+//! free port (`.ci/run` installs it; without it these tests say so and pass
+//! unless RISKGATE_REQUIRE_REDIS is set, as CI sets it).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use riskgate::config::Config;
+use riskgate::pb::{Action, OutcomeKind};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// A redis-server of this test's own, killed on drop.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts one, or None (the test is skipped) when redis-server is not
+    /// installed and RISKGATE_REQUIRE_REDIS is unset.
+    fn start() -> Option<Redis> {
+        let installed = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+        if !installed {
+            assert!(
+                std::env::var_os("RISKGATE_REQUIRE_REDIS").is_none(),
+                "RISKGATE_REQUIRE_REDIS is set but redis-server is not installed"
+            );
+            eprintln!("redis-server not installed: skipping");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Redis {
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.up();
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// (Re)starts the server on its port and waits until it answers.
+    fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
+    async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis client")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A server on `redis` with the shipped pack (or `pack`), under `prefix`.
+async fn instance(redis: &Redis, prefix: &str, pack: Option<&Path>, timeout: &str) -> TestServer {
+    let config = Config {
+        rules: pack.map_or_else(shipped_pack, Path::to_path_buf),
+        geo: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("geo/demo.csv")),
+        state: redis.url(),
+        redis_prefix: prefix.to_string(),
+        state_timeout: timeout.to_string(),
+        ..Config::default()
+    };
+    let engine = riskgate::server::build(&config).await.expect("engine");
+    start_engine(engine).await
+}
+
+async fn state_health(s: &TestServer) -> i32 {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: riskgate::api::STATE_HEALTH.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+/// Polls `check` for up to 15 s.
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_instances_catch_a_burst_split_across_them() {
+    let Some(redis) = Redis::start() else { return };
+    let mut a = instance(&redis, "split", None, "1s").await;
+    let mut b = instance(&redis, "split", None, "1s").await;
+    let t = t0();
+    for i in 0..4 {
+        let s = if i % 2 == 0 { &mut a } else { &mut b };
+        let d = s
+            .eval(recharge(&format!("b{i}"), "u1", 500, t + i * MIN))
+            .await;
+        assert_decision(&d, Action::Allow, None);
+    }
+    // Neither instance saw more than two of the four: together they block.
+    let d = a.eval(recharge("b4", "u1", 500, t + 4 * MIN)).await;
+    assert_decision(&d, Action::Block, Some("BURST_FREQUENCY"));
+
+    // Another prefix is another world.
+    let mut other = instance(&redis, "elsewhere", None, "1s").await;
+    let d = other.eval(recharge("b5", "u1", 500, t + 5 * MIN)).await;
+    assert_decision(&d, Action::Allow, None);
+}
+
+#[tokio::test]
+async fn two_instances_agree_on_idempotency() {
+    let Some(redis) = Redis::start() else { return };
+    let mut a = instance(&redis, "idem", None, "1s").await;
+    let mut b = instance(&redis, "idem", None, "1s").await;
+    let t = t0();
+    let first = a.eval(recharge("r1", "u2", 500, t)).await;
+    assert!(!first.replayed);
+    // The retry lands on the other instance: the same answer, counted once.
+    let again = b.eval(recharge("r1", "u2", 500, t)).await;
+    assert!(again.replayed, "{again:?}");
+    assert_eq!(
+        (again.action, &again.reasons),
+        (first.action, &first.reasons)
+    );
+    for i in 2..5 {
+        let d = b
+            .eval(recharge(&format!("r{i}"), "u2", 500, t + i * MIN))
+            .await;
+        assert_decision(&d, Action::Allow, None);
+    }
+    // r1 counted once: this is the fifth large order, not the sixth... and the
+    // fifth is the one that blocks.
+    let d = a.eval(recharge("r5", "u2", 500, t + 5 * MIN)).await;
+    assert_decision(&d, Action::Block, Some("BURST_FREQUENCY"));
+
+    // The same id for a different request is refused by either instance.
+    let mut changed = recharge("r1", "u2", 900, t);
+    changed.target = "someone-else".into();
+    let err = b.client.evaluate(changed).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+
+    // Outcomes reach the shared record once.
+    assert!(!b.outcome("r1", OutcomeKind::Succeeded).await);
+    assert!(
+        a.outcome("r1", OutcomeKind::Succeeded).await,
+        "a second report is a replay"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_retries_across_instances_decide_once() {
+    let Some(redis) = Redis::start() else { return };
+    let a = instance(&redis, "race", None, "1s").await;
+    let b = instance(&redis, "race", None, "1s").await;
+    let t = t0();
+    let mut calls = Vec::new();
+    for n in 0..20 {
+        let mut client = if n % 2 == 0 {
+            a.client.clone()
+        } else {
+            b.client.clone()
+        };
+        calls.push(tokio::spawn(async move {
+            client
+                .evaluate(recharge("same", "u3", 500, t))
+                .await
+                .expect("evaluate")
+                .into_inner()
+        }));
+    }
+    let mut fresh = 0;
+    for c in calls {
+        let d = c.await.unwrap();
+        assert_eq!(action(&d), Action::Allow);
+        fresh += usize::from(!d.replayed);
+    }
+    assert_eq!(fresh, 1, "exactly one call decided; the rest replayed");
+}
+
+#[tokio::test]
+async fn redis_down_fails_open_then_recovers() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let mut s = instance(&redis, "down", None, "200ms").await;
+    let t = t0();
+    let d = s.eval(recharge("d0", "u4", 100, t)).await;
+    assert_decision(&d, Action::Allow, None);
+    eventually("state health SERVING", || {
+        let s = &s;
+        async move { state_health(s).await == ServingStatus::Serving as i32 }
+    })
+    .await;
+
+    redis.kill();
+    // Decided on what needs no state, and says so.
+    let d = s.eval(recharge("d1", "u4", 100, t + MIN)).await;
+    assert_eq!(action(&d), Action::Allow, "{d:?}");
+    assert_eq!(codes(&d), ["STATE_UNAVAILABLE"], "{d:?}");
+    // A frozen account still blocks: that needs no state.
+    let mut frozen = recharge("d2", "u4", 100, t + MIN);
+    frozen.account.as_mut().unwrap().status = riskgate::pb::AccountStatus::Frozen as i32;
+    let d = s.eval(frozen).await;
+    assert_eq!(action(&d), Action::Block, "{d:?}");
+    assert!(codes(&d).contains(&"STATE_UNAVAILABLE"), "{d:?}");
+    // Recording a login needs state: the caller is told to retry.
+    let err = s
+        .client
+        .record_event(login("l1", "u4", true, BEIJING, t))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    eventually("state health NOT_SERVING", || {
+        let s = &s;
+        async move { state_health(s).await == ServingStatus::NotServing as i32 }
+    })
+    .await;
+
+    redis.up();
+    let mut n = 0;
+    eventually("decisions with state again", || {
+        n += 1;
+        let mut client = s.client.clone();
+        async move {
+            let d = client
+                .evaluate(recharge(&format!("d-back-{n}"), "u5", 100, t + 2 * MIN))
+                .await
+                .unwrap()
+                .into_inner();
+            d.reasons.is_empty()
+        }
+    })
+    .await;
+    eventually("state health SERVING again", || {
+        let s = &s;
+        async move { state_health(s).await == ServingStatus::Serving as i32 }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_fail_closed_pack_blocks_without_state() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&shipped_pack(), dir.path());
+    let manifest = dir.path().join("pack.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let closed = text.replace(
+        "on_state_unavailable = \"open\"",
+        "on_state_unavailable = \"block\"",
+    );
+    assert_ne!(text, closed, "the shipped pack names its fail mode");
+    std::fs::write(&manifest, closed).unwrap();
+    let mut s = instance(&redis, "closed", Some(dir.path()), "200ms").await;
+    let t = t0();
+    assert_decision(
+        &s.eval(recharge("c0", "u6", 100, t)).await,
+        Action::Allow,
+        None,
+    );
+    redis.kill();
+    let d = s.eval(recharge("c1", "u6", 100, t + MIN)).await;
+    assert_decision(&d, Action::Block, Some("STATE_UNAVAILABLE"));
+}
+
+#[tokio::test]
+async fn a_stalled_redis_hits_the_deadline_instead_of_hanging() {
+    let Some(redis) = Redis::start() else { return };
+    let mut s = instance(&redis, "stall", None, "100ms").await;
+    let t = t0();
+    assert_decision(
+        &s.eval(recharge("s0", "u7", 100, t)).await,
+        Action::Allow,
+        None,
+    );
+    redis.signal("-STOP");
+    let d = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.eval(recharge("s1", "u7", 100, t)),
+    )
+    .await
+    .expect("an answer, not a hang");
+    redis.signal("-CONT");
+    assert_eq!(codes(&d), ["STATE_UNAVAILABLE"], "{d:?}");
+}
+
+#[tokio::test]
+async fn keys_share_one_hash_tag_and_all_expire() {
+    let Some(redis) = Redis::start() else { return };
+    let mut s = instance(&redis, "keys", None, "1s").await;
+    let t = t0();
+    for i in 0..5 {
+        s.eval(recharge(&format!("k{i}"), "u8", 500, t + i * MIN))
+            .await;
+    }
+    s.login(login("e1", "u8", true, BEIJING, t)).await;
+    // Settling happens after the answer: give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut conn = redis.client().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.len() > 5, "{keys:?}");
+    for key in &keys {
+        assert!(key.starts_with("{keys}:"), "{key}");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{key} has no TTL ({ttl})");
+    }
+    for kind in ["{keys}:w:", "{keys}:p:", "{keys}:r:", "{keys}:e:"] {
+        assert!(
+            keys.iter().any(|k| k.starts_with(kind)),
+            "no {kind} key in {keys:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_shipped_scenarios_pass_on_redis() {
+    let Some(redis) = Redis::start() else { return };
+    let pack = std::sync::Arc::new(riskgate::pack::Pack::load(&shipped_pack()).unwrap());
+    let geo = riskgate::server::open_geo(Some(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("geo/demo.csv"),
+    ))
+    .unwrap();
+    let outcomes =
+        riskgate::scenario::run_all_on(&pack, &geo, &riskgate::scenario::Fresh::Redis(redis.url()))
+            .await;
+    let mut report = Vec::new();
+    let failed = riskgate::scenario::report(&outcomes, &mut report);
+    assert!(outcomes.len() >= 17, "{} scenarios", outcomes.len());
+    assert_eq!(failed, 0, "{}", String::from_utf8_lossy(&report));
+}
