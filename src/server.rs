@@ -2,7 +2,7 @@
 //! database, served until shutdown, with the background sweeper running.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use crate::geo::{GeoDb, GeoError};
 use crate::pack::{LoadError, Pack};
 use crate::reload::Reloader;
 use crate::state::redis::RedisConfig;
+use crate::state::snapshot::{SnapshotError, SnapshotStats};
 use crate::state::{MemoryStore, RedisStore, StateError, Store};
 
 /// The demo location data, built in so the server runs from any directory.
@@ -35,8 +36,19 @@ pub enum StartError {
     Serve(#[from] tonic::transport::Error),
     #[error("cannot open the decision log: {0}")]
     Log(std::io::Error),
+    #[error("{}", snapshot_message(.0))]
+    Snapshot(SnapshotError),
     #[error(transparent)]
     State(#[from] StateError),
+}
+
+/// A bad snapshot's error says what to do about it.
+fn snapshot_message(e: &SnapshotError) -> String {
+    if e.is_bad_file() {
+        format!("{e}; fix or remove it, or start with --discard-bad-snapshot to start empty")
+    } else {
+        e.to_string()
+    }
 }
 
 /// Opens the configured geo database, or the demo data.
@@ -55,7 +67,7 @@ pub async fn build(config: &Config) -> Result<Engine, StartError> {
     let pack = Pack::load(&config.rules)?;
     let geo = open_geo(config.geo.as_deref())?;
     let store = match backend {
-        StateBackend::Memory => Store::Memory(Arc::new(MemoryStore::new(config.memory_limits()?))),
+        StateBackend::Memory => Store::Memory(open_memory(config)?),
         StateBackend::Redis(url) => {
             let redis = RedisConfig {
                 url,
@@ -82,6 +94,99 @@ pub async fn build(config: &Config) -> Result<Engine, StartError> {
         "rule pack loaded"
     );
     Ok(Engine::new(Arc::new(pack), store, geo, log))
+}
+
+/// The in-memory store, with the snapshot loaded when one is configured and
+/// its file exists. A bad snapshot refuses the start, unless
+/// `discard_bad_snapshot`: then it is moved aside to `FILE.bad` (never
+/// overwritten by the next write) and the store starts empty. Starting
+/// empty writes an empty snapshot at once, so an unwritable path fails the
+/// start.
+pub fn open_memory(config: &Config) -> Result<Arc<MemoryStore>, StartError> {
+    let limits = config.memory_limits()?;
+    let store = MemoryStore::new(limits.clone());
+    let Some(path) = &config.snapshot else {
+        return Ok(Arc::new(store));
+    };
+    match store.load_snapshot(path) {
+        Ok(stats) => {
+            log_snapshot("snapshot loaded", path, &stats);
+            Ok(Arc::new(store))
+        }
+        Err(e) if e.is_missing() => {
+            // An empty snapshot at once: a path that cannot be written is
+            // found now, not at the first interval.
+            store.save_snapshot(path).map_err(StartError::Snapshot)?;
+            tracing::info!(path = %path.display(), "no snapshot yet: starting empty");
+            Ok(Arc::new(store))
+        }
+        Err(e) if e.is_bad_file() && config.discard_bad_snapshot => {
+            let mut aside = path.as_os_str().to_os_string();
+            aside.push(".bad");
+            let aside = PathBuf::from(aside);
+            let moved = std::fs::rename(path, &aside);
+            tracing::warn!(
+                error = %e,
+                moved_to = %aside.display(),
+                moved = moved.is_ok(),
+                "SNAPSHOT DISCARDED (--discard-bad-snapshot): starting with EMPTY windows, \
+                 profiles and idempotency records"
+            );
+            // A fresh store: nothing of the refused file stays.
+            let store = MemoryStore::new(limits);
+            store.save_snapshot(path).map_err(StartError::Snapshot)?;
+            Ok(Arc::new(store))
+        }
+        Err(e) => Err(StartError::Snapshot(e)),
+    }
+}
+
+fn log_snapshot(what: &str, path: &Path, stats: &SnapshotStats) {
+    tracing::info!(
+        path = %path.display(),
+        window_keys = stats.window_keys,
+        profiles = stats.profiles,
+        idempotency_records = stats.idempotency_records,
+        bytes = stats.bytes,
+        ms = stats.millis,
+        evicted = stats.evicted,
+        "{what}"
+    );
+}
+
+/// Writes the snapshot off the request workers; logs and returns the outcome.
+async fn save_snapshot(store: Arc<MemoryStore>, path: PathBuf) -> Result<(), SnapshotError> {
+    let to = path.clone();
+    let saved = tokio::task::spawn_blocking(move || store.save_snapshot(&to))
+        .await
+        .unwrap_or_else(|e| {
+            Err(SnapshotError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+    match &saved {
+        Ok(stats) => log_snapshot("snapshot written", &path, stats),
+        Err(e) => tracing::error!(error = %e, "snapshot not written; the previous one stays"),
+    }
+    saved.map(|_| ())
+}
+
+/// Writes the snapshot every `every`, until aborted.
+pub fn spawn_snapshots(
+    store: Arc<MemoryStore>,
+    path: PathBuf,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let _ = save_snapshot(store.clone(), path.clone()).await;
+        }
+    })
 }
 
 /// Sweeps idle keys and expired records every `every`, until the engine goes.
@@ -125,6 +230,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     #[cfg(unix)]
     background.extend(reloader.spawn_sighup());
+    // The in-memory store's snapshot: every interval, and once more at the end.
+    let snapshots = match (engine.store(), &config.snapshot) {
+        (Store::Memory(m), Some(path)) => Some((m.clone(), path.clone())),
+        _ => None,
+    };
+    if let Some((store, path)) = &snapshots {
+        let every = Duration::from_millis(config.snapshot_interval_ms()? as u64);
+        background.push(spawn_snapshots(store.clone(), path.clone(), every));
+    }
 
     // Both listeners stop on the one shutdown signal.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -176,8 +290,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "decision log closed"
         );
     }
+    // Serving has stopped: the final snapshot holds every decision made.
+    let saved = match snapshots {
+        Some((store, path)) => save_snapshot(store, path)
+            .await
+            .map_err(StartError::Snapshot),
+        None => Ok(()),
+    };
     tracing::info!("riskgate stopped");
-    Ok(served?)
+    served?;
+    saved
 }
 
 /// Runs the baseline server (`serve --baseline`): no rules, no state.

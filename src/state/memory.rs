@@ -1,12 +1,14 @@
 //! The embedded in-memory store (the default): dashmap shards, one lock per
 //! key per request, bounded by a cap on tracked keys.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 
 use super::profile::Profile;
+use super::snapshot::{self, Put, Section, SnapshotError, SnapshotStats};
 use super::window::{push_small, Distinct, Series, Shape};
 use super::{fnv1a, Aggregate, Begun, Conflict, Counts, Window, WindowPlan};
 use crate::decision::{Action, Decision};
@@ -80,6 +82,8 @@ pub struct MemoryStore {
     profiles: Bounded<Profile>,
     requests: Bounded<Option<Arc<IdemEntry>>>,
     limits: MemoryLimits,
+    /// One snapshot write at a time (the periodic one and the final one).
+    snapshotting: Mutex<()>,
 }
 
 /// All windows of one key.
@@ -145,6 +149,7 @@ impl MemoryStore {
             profiles: Bounded::new(limits.max_tracked_keys),
             requests: Bounded::new(limits.max_idempotency_records),
             limits,
+            snapshotting: Mutex::new(()),
         }
     }
 
@@ -379,6 +384,208 @@ impl MemoryStore {
             evicted: self.windows.evicted() + self.profiles.evicted() + self.requests.evicted(),
         }
     }
+
+    /// Writes every window key, profile and idempotency record to `path`
+    /// (see [`snapshot`] for the format and how the file is replaced).
+    /// Serving goes on meanwhile: one shard is read-locked at a time.
+    pub fn save_snapshot(&self, path: &Path) -> Result<SnapshotStats, SnapshotError> {
+        let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
+        let started = std::time::Instant::now();
+        let mut out = snapshot::Writer::create(path)?;
+
+        let clock = self.windows.clock();
+        out.section(Section::Windows, clock)?;
+        for e in self.windows.map.iter() {
+            out.record(|b| {
+                b.put_str(e.key());
+                b.put_var(clock.saturating_sub(e.touched));
+                put_slot(b, &e.value);
+            })?;
+        }
+
+        let clock = self.profiles.clock();
+        out.section(Section::Profiles, clock)?;
+        let mut scratch = Vec::with_capacity(1024);
+        for e in self.profiles.map.iter() {
+            out.record(|b| {
+                b.put_str(e.key());
+                b.put_var(clock.saturating_sub(e.touched));
+                snapshot::put_profile(b, &e.value, &mut scratch);
+            })?;
+        }
+
+        let clock = self.requests.clock();
+        out.section(Section::Requests, clock)?;
+        for e in self.requests.map.iter() {
+            let Some(entry) = &e.value else { continue };
+            out.record(|b| {
+                b.put_str(e.key());
+                b.put_var(clock.saturating_sub(e.touched));
+                put_idem(b, e.key(), entry);
+            })?;
+        }
+
+        let mut stats = out.finish()?;
+        stats.millis = started.elapsed().as_millis() as u64;
+        Ok(stats)
+    }
+
+    /// Loads a snapshot written by [`MemoryStore::save_snapshot`] into this
+    /// store (meant for an empty one, at start). The whole file is checked
+    /// (end marker, checksum) before anything is loaded; the caps hold, the
+    /// least recently used records going first. Idle keys and expired
+    /// records are left to the next sweep.
+    pub fn load_snapshot(&self, path: &Path) -> Result<SnapshotStats, SnapshotError> {
+        let started = std::time::Instant::now();
+        let mut r = snapshot::Reader::open(path)?;
+        let evicted_before = self.stats().evicted;
+        let mut interner = snapshot::Interner::default();
+        let mut stats = SnapshotStats::default();
+        let mut scratch = Vec::new();
+        while let Some((section, clock)) = r.section()? {
+            while r.record()? {
+                let key = r.string()?.into_boxed_str();
+                let touched = clock.saturating_sub(r.var()?);
+                match section {
+                    Section::Windows => {
+                        let slot = get_slot(&mut r)?;
+                        self.windows.restore(key, touched, slot);
+                        stats.window_keys += 1;
+                    }
+                    Section::Profiles => {
+                        let profile = snapshot::get_profile(&mut r, &mut scratch)?;
+                        self.profiles.restore(key, touched, profile);
+                        stats.profiles += 1;
+                    }
+                    Section::Requests => {
+                        let entry = get_idem(&mut r, &mut interner, &key)?;
+                        self.requests.restore(key, touched, Some(Arc::new(entry)));
+                        stats.idempotency_records += 1;
+                    }
+                }
+            }
+        }
+        r.finish()?;
+        stats.bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+        stats.evicted = self.stats().evicted - evicted_before;
+        stats.millis = started.elapsed().as_millis() as u64;
+        Ok(stats)
+    }
+}
+
+/// A window key's slot: per window, its signature, span and state.
+fn put_slot(b: &mut Vec<u8>, slot: &Slot) {
+    b.put_var(slot.windows.len() as u64);
+    for (sig, span, agg) in &slot.windows {
+        b.put_u64(*sig);
+        b.put_i64(*span);
+        match agg {
+            Agg::Series(s) => {
+                b.put_u8(0);
+                let buckets = s.buckets();
+                b.put_var(buckets.len() as u64);
+                let mut prev = 0i64;
+                for &(bucket, value) in buckets {
+                    // Bucket indexes strictly increase: small deltas.
+                    b.put_i64(bucket.wrapping_sub(prev));
+                    b.put_i64(value);
+                    prev = bucket;
+                }
+            }
+            Agg::Distinct(d) => {
+                b.put_u8(1);
+                let seen = d.seen();
+                b.put_var(seen.len() as u64);
+                for &(value, ts) in seen {
+                    b.put_u64(value);
+                    b.put_i64(ts);
+                }
+            }
+        }
+    }
+}
+
+fn get_slot(r: &mut snapshot::Reader) -> Result<Slot, SnapshotError> {
+    // A window is at least 11 bytes: signature, span, kind, count.
+    let n = r.count(11)?;
+    let mut windows = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sig = r.u64()?;
+        let span = r.i64()?;
+        if span <= 0 {
+            return Err(r.corrupt(format!("window span {span}")));
+        }
+        let agg = match r.u8()? {
+            0 => {
+                let m = r.count(2)?;
+                let mut buckets = Vec::with_capacity(m);
+                let mut prev = 0i64;
+                for _ in 0..m {
+                    let bucket = prev.wrapping_add(r.i64()?);
+                    buckets.push((bucket, r.i64()?));
+                    prev = bucket;
+                }
+                Agg::Series(
+                    Series::from_buckets(buckets)
+                        .ok_or_else(|| r.corrupt("window buckets out of order"))?,
+                )
+            }
+            1 => {
+                let m = r.count(9)?;
+                let mut seen = Vec::with_capacity(m);
+                for _ in 0..m {
+                    seen.push((r.u64()?, r.i64()?));
+                }
+                Agg::Distinct(Distinct::from_seen(seen))
+            }
+            other => return Err(r.corrupt(format!("unknown window kind {other}"))),
+        };
+        windows.push((sig, span, agg));
+    }
+    Ok(Slot { windows })
+}
+
+/// An idempotency record: a settled one with its decision, facts and
+/// location; one still being decided (or an event id, which never settles)
+/// as a bare claim, so a retry after a restart is checked against it.
+fn put_idem(b: &mut Vec<u8>, key: &str, e: &IdemEntry) {
+    b.put_u64(e.fingerprint);
+    b.put_i64(e.created_ms);
+    b.put_u8(e.outcomes.load(Ordering::Acquire));
+    match e.settled.get() {
+        None => b.put_u8(0),
+        Some(s) => {
+            b.put_u8(1);
+            snapshot::put_decision(b, &s.decision, key);
+            snapshot::put_facts(b, &s.facts);
+            snapshot::put_location(b, s.location.as_deref());
+        }
+    }
+}
+
+fn get_idem(
+    r: &mut snapshot::Reader,
+    interner: &mut snapshot::Interner,
+    key: &str,
+) -> Result<IdemEntry, SnapshotError> {
+    let fingerprint = r.u64()?;
+    let created_ms = r.i64()?;
+    let outcomes = r.u8()?;
+    let settled = match r.u8()? {
+        0 => None,
+        1 => Some(Settled {
+            decision: Arc::new(snapshot::get_decision(r, interner, key)?),
+            facts: snapshot::get_facts(r)?,
+            location: snapshot::get_location(r, interner)?,
+        }),
+        other => return Err(r.corrupt(format!("settled flag {other}"))),
+    };
+    Ok(IdemEntry {
+        fingerprint,
+        created_ms,
+        settled: tokio::sync::OnceCell::new_with(settled),
+        outcomes: AtomicU8::new(outcomes),
+    })
 }
 
 /// Records into and/or reads one window of one key. Reads of a window the
@@ -480,6 +687,21 @@ impl<V: Default> Bounded<V> {
 
     fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn clock(&self) -> u64 {
+        self.clock.load(Ordering::Relaxed)
+    }
+
+    /// Puts back an entry from a snapshot with its recency stamp; the cap
+    /// holds as for any insert.
+    fn restore(&self, key: Box<str>, touched: u64, value: V) {
+        self.clock
+            .fetch_max(touched.saturating_add(1), Ordering::Relaxed);
+        let fresh = self.map.insert(key, Stamped { touched, value }).is_none();
+        if fresh && self.len.fetch_add(1, Ordering::AcqRel) + 1 > self.cap {
+            self.evict();
+        }
     }
 
     /// Runs `f` on the entry for `key`, creating it when absent.

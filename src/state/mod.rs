@@ -9,6 +9,7 @@
 pub mod memory;
 pub mod profile;
 pub mod redis;
+pub mod snapshot;
 pub mod window;
 
 use std::sync::Arc;

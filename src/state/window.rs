@@ -135,6 +135,24 @@ impl Series {
     pub fn heap_bytes(&self) -> usize {
         self.buckets.capacity() * std::mem::size_of::<(i64, i64)>()
     }
+
+    /// The held buckets, (bucket index, value), oldest first (snapshots).
+    pub fn buckets(&self) -> &[(i64, i64)] {
+        &self.buckets
+    }
+
+    /// Rebuilds a series from its buckets (snapshots); `None` unless the
+    /// bucket indexes strictly increase.
+    pub fn from_buckets(buckets: Vec<(i64, i64)>) -> Option<Series> {
+        if buckets.windows(2).any(|p| p[0].0 >= p[1].0) {
+            return None;
+        }
+        let total = buckets
+            .iter()
+            .map(|(_, v)| *v)
+            .fold(0i64, i64::wrapping_add);
+        Some(Series { buckets, total })
+    }
 }
 
 /// Distinct values with their last-seen times; exact up to [`MAX_DISTINCT`].
@@ -207,6 +225,21 @@ impl Distinct {
 
     pub fn heap_bytes(&self) -> usize {
         self.seen.capacity() * std::mem::size_of::<(u64, i64)>()
+    }
+
+    /// The remembered (value, last seen) pairs (snapshots).
+    pub fn seen(&self) -> &[(u64, i64)] {
+        &self.seen
+    }
+
+    /// Rebuilds from remembered values (snapshots), keeping the most recent
+    /// [`MAX_DISTINCT`].
+    pub fn from_seen(mut seen: Vec<(u64, i64)>) -> Distinct {
+        if seen.len() > MAX_DISTINCT {
+            seen.sort_unstable_by_key(|(_, t)| std::cmp::Reverse(*t));
+            seen.truncate(MAX_DISTINCT);
+        }
+        Distinct { seen }
     }
 }
 
