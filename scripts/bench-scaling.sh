@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Throughput at 1, 2, 4 and 8 server cores, the engine against the baseline,
+# with the load generator on other cores; then the open-loop p99 at a fixed
+# rate with 4 server cores; then (when redis-server is at hand) the Redis mode
+# with 4 server cores. For machines with 16 or more cores.
+#
+#   bash scripts/bench-scaling.sh [BIN] [SECONDS] [OUT]
+#
+# Cores: server on 0..N-1, load generator on CLIENT_CPUS (default 8-14),
+# redis-server on REDIS_CPU (default 15).
+set -euo pipefail
+BIN="${1:-target/release/riskgate}"
+SECS="${2:-6}"
+OUT="${3:-target/bench/scaling}"
+CLIENT_CPUS="${CLIENT_CPUS:-8-14}"
+REDIS_CPU="${REDIS_CPU:-15}"
+CONNS="${CONNS:-16}"
+STREAMS="${STREAMS:-32}"
+RATE="${RATE:-50000}"
+PORT=50095
+RPORT=6395
+mkdir -p "$OUT"
+SERVER=""
+REDIS=""
+trap 'kill $SERVER $REDIS 2>/dev/null || true' EXIT
+
+start() { # cores, extra serve args...
+    local cores=$1; shift
+    taskset -c "$cores" "$BIN" serve --listen "127.0.0.1:$PORT" --no-watch "$@" \
+        >"$OUT/server.log" 2>&1 &
+    SERVER=$!
+    for _ in $(seq 100); do
+        (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "server did not start" >&2; cat "$OUT/server.log" >&2; exit 1
+}
+stop() { kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=""; }
+loadgen() { # name, args...
+    local name=$1; shift
+    taskset -c "$CLIENT_CPUS" "$BIN" loadgen --addr "127.0.0.1:$PORT" --duration "${SECS}s" \
+        --warmup 1s --users 1000000 --json-out "$OUT/$name.json" "$@" >/dev/null 2>"$OUT/$name.txt"
+}
+
+for n in 1 2 4 8; do
+    cores="0-$((n - 1))"
+    for mode in baseline engine; do
+        flag=()
+        [ "$mode" = baseline ] && flag=(--baseline)
+        start "$cores" "${flag[@]}"
+        loadgen "closed-$mode-$n" --connections "$CONNS" --streams "$STREAMS"
+        stop
+    done
+done
+
+for mode in baseline engine; do
+    flag=()
+    [ "$mode" = baseline ] && flag=(--baseline)
+    start 0-3 "${flag[@]}"
+    loadgen "open-$mode-4" --rate "$RATE" --connections "$CONNS"
+    stop
+done
+
+if command -v redis-server >/dev/null; then
+    taskset -c "$REDIS_CPU" redis-server --port "$RPORT" --bind 127.0.0.1 --save '' \
+        --appendonly no --dir "$OUT" >"$OUT/redis.log" 2>&1 &
+    REDIS=$!
+    sleep 0.5
+    for mode in memory redis; do
+        state=memory
+        [ "$mode" = redis ] && state="redis://127.0.0.1:$RPORT/0"
+        start 0-3 --state "$state"
+        loadgen "closed-$mode-4cores" --connections "$CONNS" --streams "$STREAMS"
+        stop
+        start 0-3 --state "$state"
+        loadgen "open-$mode-4cores" --rate "$RATE" --connections "$CONNS"
+        stop
+    done
+fi
+
+python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def load(n):
+    p = f"{out}/{n}.json"
+    return json.load(open(p)) if os.path.exists(p) else None
+print("| server cores | baseline req/s | engine req/s | engine / baseline | engine p99 ms |")
+print("|---:|---:|---:|---:|---:|")
+for n in (1, 2, 4, 8):
+    b, e = load(f"closed-baseline-{n}"), load(f"closed-engine-{n}")
+    print(f"| {n} | {b['rps']:,.0f} | {e['rps']:,.0f} | {e['rps']/b['rps']:.2f} | {e['latency_us']['p99']/1000:.2f} |")
+for name in ("open-baseline-4", "open-engine-4", "closed-memory-4cores", "closed-redis-4cores",
+             "open-memory-4cores", "open-redis-4cores"):
+    r = load(name)
+    if r:
+        l = r["latency_us"]
+        print(f"{name}: {r['rps']:,.0f} req/s, errors {r['errors']}, p50 {l['p50']/1000:.3f} ms, "
+              f"p99 {l['p99']/1000:.3f} ms, p99.9 {l['p999']/1000:.3f} ms, max {l['max']/1000:.1f} ms")
+PY
