@@ -52,6 +52,9 @@ enum Command {
         /// Where state lives: `memory` or `redis://host:port/db` [default: memory].
         #[arg(long, env = "RISKGATE_STATE")]
         state: Option<String>,
+        /// Redis: how long a request waits for state before on_state_unavailable decides [default: 5ms].
+        #[arg(long, env = "RISKGATE_STATE_TIMEOUT")]
+        state_timeout: Option<String>,
         /// In-memory state: snapshot file, loaded at start and written periodically and at shutdown.
         #[arg(long, env = "RISKGATE_SNAPSHOT")]
         snapshot: Option<PathBuf>,
@@ -127,6 +130,7 @@ fn main() -> ExitCode {
             no_watch,
             baseline,
             state,
+            state_timeout,
             snapshot,
             snapshot_interval,
             discard_bad_snapshot,
@@ -158,6 +162,9 @@ fn main() -> ExitCode {
             }
             if let Some(s) = state {
                 cfg.state = s;
+            }
+            if let Some(t) = state_timeout {
+                cfg.state_timeout = t;
             }
             if snapshot.is_some() {
                 cfg.snapshot = snapshot;

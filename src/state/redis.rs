@@ -13,8 +13,10 @@
 //! one Redis Cluster slot, and one request's keys are shared with other
 //! users' requests through an IP or a device, so the whole keyspace of one
 //! prefix is one slot):
-//! - `{prefix}:w:<window signature>:<group key>`: a hash, bucket -> sum, or
-//!   value -> last seen ms; TTL the window's span plus one bucket.
+//! - `{prefix}:w:<group key>` (e.g. `user_id\x1fu1`): one hash for every
+//!   window of that key, fields `<window tag>:<bucket>` -> sum, or
+//!   `<window tag>:<value>` -> last seen ms; TTL the longest span of its
+//!   windows plus one bucket.
 //! - `{prefix}:p:<user>`: the profile ([`Profile::encode`]); TTL the profile span.
 //! - `{prefix}:r:<request id>`: a hash, `fp` (fingerprint), `d` (the decision),
 //!   `o<kind>` (outcome marks); TTL the idempotency TTL ([`PENDING_TTL_MS`]
@@ -110,12 +112,19 @@ struct StoredDecision {
     location: Option<Location>,
 }
 
-/// A window key and its six script arguments, with the index of its value.
+/// The window keys of one request and their script arguments: per key, its
+/// TTL and window count, then six arguments per window.
 struct WindowOps {
     keys: Vec<String>,
     args: Vec<String>,
-    /// Plan index of each window key, in key order.
+    /// Plan index of each window, in argument order.
     index: Vec<usize>,
+}
+
+/// The prefix of a window's fields in its key's hash: eight hex digits of the
+/// window's signature, so windows of one key (and of older packs) never mix.
+fn field_tag(w: &Window) -> String {
+    format!("{:08x}", w.sig as u32)
 }
 
 impl RedisStore {
@@ -227,7 +236,8 @@ impl RedisStore {
         self.key("p", user_id)
     }
 
-    /// The window keys of `facts` with their script arguments.
+    /// The window keys of `facts` (one per key group) with their script
+    /// arguments.
     fn window_ops(
         &self,
         plan: &WindowPlan,
@@ -235,8 +245,8 @@ impl RedisStore {
         how: impl Fn(&Window) -> Touch,
     ) -> WindowOps {
         let mut ops = WindowOps {
-            keys: Vec::with_capacity(plan.windows.len()),
-            args: Vec::with_capacity(plan.windows.len() * 6),
+            keys: Vec::with_capacity(plan.groups.len()),
+            args: Vec::with_capacity(plan.windows.len() * 6 + plan.groups.len() * 2),
             index: Vec::with_capacity(plan.windows.len()),
         };
         let mut group_key = String::with_capacity(64);
@@ -245,6 +255,17 @@ impl RedisStore {
             if !group.key(facts, &mut group_key) {
                 continue;
             }
+            ops.keys.push(self.key("w", &group_key));
+            // The key lives as long as its longest window needs it.
+            let ttl = group
+                .windows
+                .iter()
+                .map(|&i| plan.windows[i].shape)
+                .map(|s| s.span_ms + s.bucket_ms)
+                .max()
+                .unwrap_or(1);
+            ops.args.push(ttl.to_string());
+            ops.args.push(group.windows.len().to_string());
             for &i in &group.windows {
                 let w = &plan.windows[i];
                 let (op, delta) = match how(w) {
@@ -252,9 +273,7 @@ impl RedisStore {
                     Touch::Include(d) => ("i", d),
                     Touch::Read => ("g", 0),
                 };
-                ops.keys
-                    .push(self.key("w", &format!("{:016x}:{group_key}", w.sig)));
-                let ttl = w.shape.span_ms + w.shape.bucket_ms;
+                let tag = field_tag(w);
                 match w.aggregate {
                     Aggregate::Distinct(_) => ops.args.extend([
                         "d".into(),
@@ -262,7 +281,7 @@ impl RedisStore {
                         (delta as u64).to_string(),
                         (ts - w.shape.span_ms).to_string(),
                         ts.to_string(),
-                        ttl.to_string(),
+                        tag,
                     ]),
                     _ => ops.args.extend([
                         "s".into(),
@@ -270,7 +289,7 @@ impl RedisStore {
                         delta.to_string(),
                         w.shape.first_bucket(ts).to_string(),
                         w.shape.bucket(ts).to_string(),
-                        ttl.to_string(),
+                        tag,
                     ]),
                 }
                 ops.index.push(i);
@@ -428,13 +447,19 @@ impl RedisStore {
     ) -> Result<(), StateError> {
         let (mut release_keys, mut release_args) = (Vec::new(), Vec::new());
         if release {
-            let ops = self.window_ops(plan, facts, |_| Touch::Read);
-            for (n, &i) in ops.index.iter().enumerate() {
-                let w = &plan.windows[i];
-                if w.releases(facts) {
-                    release_keys.push(ops.keys[n].clone());
-                    release_args.push(w.shape.bucket(facts.timestamp_ms).to_string());
-                    release_args.push(w.delta(facts).to_string());
+            let mut group_key = String::with_capacity(64);
+            for group in &plan.groups {
+                if !group.key(facts, &mut group_key) {
+                    continue;
+                }
+                for &i in &group.windows {
+                    let w = &plan.windows[i];
+                    if w.releases(facts) {
+                        release_keys.push(self.key("w", &group_key));
+                        let bucket = w.shape.bucket(facts.timestamp_ms);
+                        release_args.push(format!("{}:{bucket}", field_tag(w)));
+                        release_args.push(w.delta(facts).to_string());
+                    }
                 }
             }
         }

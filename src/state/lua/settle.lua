@@ -11,7 +11,7 @@
 -- ARGV[4]  the profile as read ('' : none)
 -- ARGV[5]  the profile to write
 -- ARGV[6]  the profile's TTL, ms
--- then two per window: the bucket, the amount to take back
+-- then two per window key: the field (<tag>:<bucket>), the amount to take back
 if ARGV[1] ~= '' then
   redis.call('HSET', KEYS[1], 'd', ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])

@@ -3,18 +3,19 @@
 --
 -- KEYS[1]  the request record (hash: fp, d = decision, o<kind> = outcome marks)
 -- KEYS[2]  the user's profile (bytes)
--- KEYS[3..] one per window: a hash of bucket -> sum (series) or value -> last
---          seen ms (distinct)
+-- KEYS[3..] one per key group: a hash of every window of the key, fields
+--          <tag>:<bucket> -> sum (series) or <tag>:<value> -> last seen ms
+--          (distinct)
 -- ARGV[1]  claim | peek | event | none
 -- ARGV[2]  the request fingerprint
 -- ARGV[3]  TTL of a new record, ms
--- then six per window key:
+-- then per key group: its TTL (ms), its number of windows n, and six per window:
 --   kind  s (series) | d (distinct)
 --   op    r (record, then read) | i (read, counting this request in) | g (read)
 --   delta series: the amount or 1; distinct: the value's hash
 --   lo    series: oldest bucket the read covers; distinct: oldest ms
 --   hi    series: this request's bucket;         distinct: this request's ms
---   ttl   ms: the window's span plus a bucket
+--   tag   the window's field prefix (8 hex digits of its signature)
 local MAX_DISTINCT = 4096
 
 local mode = ARGV[1]
@@ -32,61 +33,78 @@ if mode ~= 'none' then
   end
 end
 
-local function series(key, op, delta, lo, hi, ttl)
-  if op == 'r' then
-    redis.call('HINCRBY', key, hi, delta)
-    redis.call('PEXPIRE', key, ttl)
-  end
-  local lo_n, hi_n = tonumber(lo), tonumber(hi)
-  local all = redis.call('HGETALL', key)
-  local sum, newest, stale = 0, nil, {}
-  for i = 1, #all, 2 do
-    local b = tonumber(all[i])
-    if b >= lo_n and b <= hi_n then sum = sum + tonumber(all[i + 1]) end
-    if b < lo_n then stale[#stale + 1] = all[i] end
-    if newest == nil or b > newest then newest = b end
-  end
-  -- Expired buckets go only when this read is the newest (not a late event).
-  if #stale > 0 and newest <= hi_n then redis.call('HDEL', key, unpack(stale)) end
-  if op == 'i' then sum = sum + tonumber(delta) end
-  return sum
-end
-
-local function distinct(key, op, value, lo, hi, ttl)
-  local lo_n, hi_n = tonumber(lo), tonumber(hi)
-  if op == 'r' then
-    local old = redis.call('HGET', key, value)
-    if not old or tonumber(old) < hi_n then redis.call('HSET', key, value, hi) end
-    redis.call('PEXPIRE', key, ttl)
-  end
-  local all = redis.call('HGETALL', key)
-  local n, stale, current, seen = 0, {}, true, false
-  local oldest, oldest_t = nil, nil
-  for i = 1, #all, 2 do
-    local t = tonumber(all[i + 1])
-    if t >= lo_n and t <= hi_n then
-      n = n + 1
-      if all[i] == value then seen = true end
+-- One key group: apply its records, then read every window from one HGETALL.
+-- Returns the index of the next group's first argument.
+local function group(key, a, out)
+  local ttl, n = ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  local ws, bytag, recorded = {}, {}, false
+  for i = 1, n do
+    local w = {
+      kind = ARGV[a], op = ARGV[a + 1], delta = ARGV[a + 2],
+      lo = tonumber(ARGV[a + 3]), hi = tonumber(ARGV[a + 4]), tag = ARGV[a + 5],
+      value = 0, newest = nil, stale = {}, seen = false, count = 0,
+      oldest = nil, oldest_t = nil,
+    }
+    a = a + 6
+    ws[i], bytag[w.tag] = w, w
+    if w.op == 'r' then
+      recorded = true
+      if w.kind == 's' then
+        redis.call('HINCRBY', key, w.tag .. ':' .. ARGV[a - 2], w.delta)
+      else
+        local f = w.tag .. ':' .. w.delta
+        local old = redis.call('HGET', key, f)
+        if not old or tonumber(old) < w.hi then redis.call('HSET', key, f, ARGV[a - 2]) end
+      end
     end
-    if t < lo_n then stale[#stale + 1] = all[i] end
-    if t > hi_n then current = false end
-    if oldest_t == nil or t < oldest_t then oldest, oldest_t = all[i], t end
   end
-  if #stale > 0 and current then
-    redis.call('HDEL', key, unpack(stale))
-  elseif op == 'r' and #all / 2 > MAX_DISTINCT then
-    redis.call('HDEL', key, oldest)
-    n = n - 1
+  if recorded then redis.call('PEXPIRE', key, ttl) end
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    local f = all[i]
+    local w = bytag[string.sub(f, 1, 8)]
+    if w then
+      local x = string.sub(f, 10)
+      if w.kind == 's' then
+        local b = tonumber(x)
+        if b >= w.lo and b <= w.hi then w.value = w.value + tonumber(all[i + 1]) end
+        if b < w.lo then w.stale[#w.stale + 1] = f end
+        if w.newest == nil or b > w.newest then w.newest = b end
+      else
+        local t = tonumber(all[i + 1])
+        w.count = w.count + 1
+        if t >= w.lo and t <= w.hi then
+          w.value = w.value + 1
+          if x == w.delta then w.seen = true end
+        end
+        if t < w.lo then w.stale[#w.stale + 1] = f end
+        if w.newest == nil or t > w.newest then w.newest = t end
+        if w.oldest_t == nil or t < w.oldest_t then w.oldest, w.oldest_t = f, t end
+      end
+    end
   end
-  if op == 'i' and not seen then n = n + 1 end
-  return n
+  for i = 1, n do
+    local w = ws[i]
+    -- Expired entries go only when this read is the newest (not a late event).
+    if #w.stale > 0 and w.newest <= w.hi then
+      redis.call('HDEL', key, unpack(w.stale))
+    elseif w.kind == 'd' and w.op == 'r' and w.count > MAX_DISTINCT then
+      redis.call('HDEL', key, w.oldest)
+      if w.oldest_t >= w.lo then w.value = w.value - 1 end
+    end
+    if w.op == 'i' then
+      if w.kind == 's' then w.value = w.value + tonumber(w.delta)
+      elseif not w.seen then w.value = w.value + 1 end
+    end
+    out[#out + 1] = w.value
+  end
+  return a
 end
 
 local out = {'new', false, redis.call('GET', KEYS[2])}
+local a = 4
 for k = 3, #KEYS do
-  local a = 4 + (k - 3) * 6
-  local f = series
-  if ARGV[a] == 'd' then f = distinct end
-  out[#out + 1] = f(KEYS[k], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5])
+  a = group(KEYS[k], a, out)
 end
 return out
