@@ -61,6 +61,24 @@ for mode in baseline engine; do
     stop
 done
 
+# h2load, an independent client in C (BODY: a prebuilt gRPC frame of a
+# dry-run EvaluateRequest, as scripts/bench-grpc.sh builds it).
+BODY="${BODY:-}"
+if command -v h2load >/dev/null && [ -n "$BODY" ]; then
+    threads=$(taskset -c "$CLIENT_CPUS" nproc)
+    for n in 1 2 4 8; do
+        for mode in baseline engine; do
+            flag=()
+            [ "$mode" = baseline ] && flag=(--baseline)
+            start "0-$((n - 1))" "${flag[@]}"
+            taskset -c "$CLIENT_CPUS" h2load -n 600000 -c 32 -m 32 -t "$threads" -d "$BODY" \
+                -H 'content-type: application/grpc' -H 'te: trailers' \
+                "http://127.0.0.1:$PORT/riskgate.v1.RiskEngine/Evaluate" >"$OUT/h2load-$mode-$n.txt" 2>&1
+            stop
+        done
+    done
+fi
+
 if command -v redis-server >/dev/null; then
     taskset -c "$REDIS_CPU" redis-server --port "$RPORT" --bind 127.0.0.1 --save '' \
         --appendonly no --dir "$OUT" >"$OUT/redis.log" 2>&1 &
@@ -89,6 +107,19 @@ print("|---:|---:|---:|---:|---:|")
 for n in (1, 2, 4, 8):
     b, e = load(f"closed-baseline-{n}"), load(f"closed-engine-{n}")
     print(f"| {n} | {b['rps']:,.0f} | {e['rps']:,.0f} | {e['rps']/b['rps']:.2f} | {e['latency_us']['p99']/1000:.2f} |")
+import re
+for n in (1, 2, 4, 8):
+    got = {}
+    for mode in ("baseline", "engine"):
+        p = f"{out}/h2load-{mode}-{n}.txt"
+        if os.path.exists(p):
+            t = open(p).read()
+            m = re.search(r"finished in [^,]+, ([\d.]+) req/s", t)
+            ok = re.search(r"(\d+) succeeded", t)
+            got[mode] = (float(m.group(1)) if m else 0.0, ok.group(1) if ok else "?")
+    if len(got) == 2:
+        b, e = got["baseline"], got["engine"]
+        print(f"h2load {n} cores: baseline {b[0]:,.0f} req/s ({b[1]} ok), engine {e[0]:,.0f} req/s ({e[1]} ok), ratio {e[0]/b[0]:.2f}")
 for name in ("open-baseline-4", "open-engine-4", "closed-memory-4cores", "closed-redis-4cores",
              "open-memory-4cores", "open-redis-4cores"):
     r = load(name)
