@@ -396,21 +396,24 @@ impl MemoryStore {
         let clock = self.windows.clock();
         out.section(Section::Windows, clock)?;
         for e in self.windows.map.iter() {
-            out.record(|b| {
-                b.put_str(e.key());
-                b.put_var(clock.saturating_sub(e.touched));
-                put_slot(b, &e.value);
+            out.record(|enc| {
+                // "user_id\x1fu1": the prefix is shared by many keys.
+                let key = e.key();
+                let at = key.find('\x1f').unwrap_or(key.len());
+                enc.sym(&key[..at]);
+                enc.b.put_str(&key[at..]);
+                enc.b.put_var(clock.saturating_sub(e.touched));
+                put_slot(enc, &e.value);
             })?;
         }
 
         let clock = self.profiles.clock();
         out.section(Section::Profiles, clock)?;
-        let mut scratch = Vec::with_capacity(1024);
         for e in self.profiles.map.iter() {
-            out.record(|b| {
-                b.put_str(e.key());
-                b.put_var(clock.saturating_sub(e.touched));
-                snapshot::put_profile(b, &e.value, &mut scratch);
+            out.record(|enc| {
+                enc.b.put_str(e.key());
+                enc.b.put_var(clock.saturating_sub(e.touched));
+                snapshot::put_profile(enc, &e.value);
             })?;
         }
 
@@ -418,10 +421,10 @@ impl MemoryStore {
         out.section(Section::Requests, clock)?;
         for e in self.requests.map.iter() {
             let Some(entry) = &e.value else { continue };
-            out.record(|b| {
-                b.put_str(e.key());
-                b.put_var(clock.saturating_sub(e.touched));
-                put_idem(b, e.key(), entry);
+            out.record(|enc| {
+                enc.b.put_str(e.key());
+                enc.b.put_var(clock.saturating_sub(e.touched));
+                put_idem(enc, e.key(), entry);
             })?;
         }
 
@@ -439,12 +442,20 @@ impl MemoryStore {
         let started = std::time::Instant::now();
         let mut r = snapshot::Reader::open(path)?;
         let evicted_before = self.stats().evicted;
-        let mut interner = snapshot::Interner::default();
         let mut stats = SnapshotStats::default();
-        let mut scratch = Vec::new();
         while let Some((section, clock)) = r.section()? {
             while r.record()? {
-                let key = r.string()?.into_boxed_str();
+                let key = match section {
+                    Section::Windows => {
+                        let prefix = r.sym()?;
+                        let rest = r.string()?;
+                        let mut key = String::with_capacity(prefix.len() + rest.len());
+                        key.push_str(&prefix);
+                        key.push_str(&rest);
+                        key.into_boxed_str()
+                    }
+                    _ => r.string()?.into_boxed_str(),
+                };
                 let touched = clock.saturating_sub(r.var()?);
                 match section {
                     Section::Windows => {
@@ -453,12 +464,12 @@ impl MemoryStore {
                         stats.window_keys += 1;
                     }
                     Section::Profiles => {
-                        let profile = snapshot::get_profile(&mut r, &mut scratch)?;
+                        let profile = snapshot::get_profile(&mut r)?;
                         self.profiles.restore(key, touched, profile);
                         stats.profiles += 1;
                     }
                     Section::Requests => {
-                        let entry = get_idem(&mut r, &mut interner, &key)?;
+                        let entry = get_idem(&mut r, &key)?;
                         self.requests.restore(key, touched, Some(Arc::new(entry)));
                         stats.idempotency_records += 1;
                     }
@@ -473,32 +484,30 @@ impl MemoryStore {
     }
 }
 
-/// A window key's slot: per window, its signature, span and state.
-fn put_slot(b: &mut Vec<u8>, slot: &Slot) {
-    b.put_var(slot.windows.len() as u64);
+/// A window key's slot: per window, its definition (signature, span, kind)
+/// and state; bucket indexes as deltas from the snapshot's own bucket.
+fn put_slot(enc: &mut snapshot::Enc, slot: &Slot) {
+    enc.b.put_var(slot.windows.len() as u64);
     for (sig, span, agg) in &slot.windows {
-        b.put_u64(*sig);
-        b.put_i64(*span);
         match agg {
             Agg::Series(s) => {
-                b.put_u8(0);
+                enc.def(*sig, *span, 0);
                 let buckets = s.buckets();
-                b.put_var(buckets.len() as u64);
-                let mut prev = 0i64;
+                enc.b.put_var(buckets.len() as u64);
+                let mut prev = Shape::new(*span).bucket(enc.base());
                 for &(bucket, value) in buckets {
-                    // Bucket indexes strictly increase: small deltas.
-                    b.put_i64(bucket.wrapping_sub(prev));
-                    b.put_i64(value);
+                    enc.b.put_i64(bucket.wrapping_sub(prev));
+                    enc.b.put_i64(value);
                     prev = bucket;
                 }
             }
             Agg::Distinct(d) => {
-                b.put_u8(1);
+                enc.def(*sig, *span, 1);
                 let seen = d.seen();
-                b.put_var(seen.len() as u64);
+                enc.b.put_var(seen.len() as u64);
                 for &(value, ts) in seen {
-                    b.put_u64(value);
-                    b.put_i64(ts);
+                    enc.b.put_u64(value);
+                    enc.time(ts);
                 }
             }
         }
@@ -506,20 +515,19 @@ fn put_slot(b: &mut Vec<u8>, slot: &Slot) {
 }
 
 fn get_slot(r: &mut snapshot::Reader) -> Result<Slot, SnapshotError> {
-    // A window is at least 11 bytes: signature, span, kind, count.
-    let n = r.count(11)?;
+    // A window is at least 2 bytes: a definition reference and a count.
+    let n = r.count(2)?;
     let mut windows = Vec::with_capacity(n);
     for _ in 0..n {
-        let sig = r.u64()?;
-        let span = r.i64()?;
+        let (sig, span, kind) = r.def()?;
         if span <= 0 {
             return Err(r.corrupt(format!("window span {span}")));
         }
-        let agg = match r.u8()? {
+        let agg = match kind {
             0 => {
                 let m = r.count(2)?;
                 let mut buckets = Vec::with_capacity(m);
-                let mut prev = 0i64;
+                let mut prev = Shape::new(span).bucket(r.base());
                 for _ in 0..m {
                     let bucket = prev.wrapping_add(r.i64()?);
                     buckets.push((bucket, r.i64()?));
@@ -534,7 +542,7 @@ fn get_slot(r: &mut snapshot::Reader) -> Result<Slot, SnapshotError> {
                 let m = r.count(9)?;
                 let mut seen = Vec::with_capacity(m);
                 for _ in 0..m {
-                    seen.push((r.u64()?, r.i64()?));
+                    seen.push((r.u64()?, r.time()?));
                 }
                 Agg::Distinct(Distinct::from_seen(seen))
             }
@@ -548,35 +556,31 @@ fn get_slot(r: &mut snapshot::Reader) -> Result<Slot, SnapshotError> {
 /// An idempotency record: a settled one with its decision, facts and
 /// location; one still being decided (or an event id, which never settles)
 /// as a bare claim, so a retry after a restart is checked against it.
-fn put_idem(b: &mut Vec<u8>, key: &str, e: &IdemEntry) {
-    b.put_u64(e.fingerprint);
-    b.put_i64(e.created_ms);
-    b.put_u8(e.outcomes.load(Ordering::Acquire));
+fn put_idem(enc: &mut snapshot::Enc, key: &str, e: &IdemEntry) {
+    enc.b.put_u64(e.fingerprint);
+    enc.time(e.created_ms);
+    enc.b.put_u8(e.outcomes.load(Ordering::Acquire));
     match e.settled.get() {
-        None => b.put_u8(0),
+        None => enc.b.put_u8(0),
         Some(s) => {
-            b.put_u8(1);
-            snapshot::put_decision(b, &s.decision, key);
-            snapshot::put_facts(b, &s.facts);
-            snapshot::put_location(b, s.location.as_deref());
+            enc.b.put_u8(1);
+            snapshot::put_decision(enc, &s.decision, key);
+            snapshot::put_facts(enc, &s.facts);
+            enc.place(s.location.as_deref());
         }
     }
 }
 
-fn get_idem(
-    r: &mut snapshot::Reader,
-    interner: &mut snapshot::Interner,
-    key: &str,
-) -> Result<IdemEntry, SnapshotError> {
+fn get_idem(r: &mut snapshot::Reader, key: &str) -> Result<IdemEntry, SnapshotError> {
     let fingerprint = r.u64()?;
-    let created_ms = r.i64()?;
+    let created_ms = r.time()?;
     let outcomes = r.u8()?;
     let settled = match r.u8()? {
         0 => None,
         1 => Some(Settled {
-            decision: Arc::new(snapshot::get_decision(r, interner, key)?),
+            decision: Arc::new(snapshot::get_decision(r, key)?),
             facts: snapshot::get_facts(r)?,
-            location: snapshot::get_location(r, interner)?,
+            location: r.place()?,
         }),
         other => return Err(r.corrupt(format!("settled flag {other}"))),
     };

@@ -196,6 +196,46 @@ impl Profile {
     }
 }
 
+impl Profile {
+    /// Everything the profile holds (snapshots).
+    pub fn parts(&self) -> ProfileParts<'_> {
+        ProfileParts {
+            recent: &self.recent,
+            last_point: self.last_point.map(|p| (p.ts_ms, p.lat, p.lon)),
+            last_login: self.last_login,
+        }
+    }
+
+    /// Rebuilds a profile from its parts (snapshots): events sorted by time,
+    /// the most recent [`RECENT`] kept.
+    pub fn from_parts(
+        mut recent: Vec<(i64, u64)>,
+        last_point: Option<(i64, f64, f64)>,
+        last_login: Option<(i64, bool)>,
+    ) -> Profile {
+        recent.sort_by_key(|(t, _)| *t);
+        if recent.len() > RECENT {
+            recent.drain(..recent.len() - RECENT);
+        }
+        recent.shrink_to_fit();
+        Profile {
+            recent,
+            last_point: last_point.map(|(ts_ms, lat, lon)| Point { ts_ms, lat, lon }),
+            last_login,
+        }
+    }
+}
+
+/// A profile's contents, borrowed (see [`Profile::parts`]).
+pub struct ProfileParts<'a> {
+    /// (event time, region key), oldest first.
+    pub recent: &'a [(i64, u64)],
+    /// (time, latitude, longitude) of the last located event.
+    pub last_point: Option<(i64, f64, f64)>,
+    /// (time, was the region new) of the last successful login.
+    pub last_login: Option<(i64, bool)>,
+}
+
 /// The version byte of [`Profile::encode`].
 const PROFILE_FORMAT: u8 = 1;
 

@@ -44,7 +44,7 @@
 //! snapshot is not one point in time across shards (a key touched during the
 //! walk may be saved before or after the touch).
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -273,13 +273,144 @@ impl Put for Vec<u8> {
     }
 }
 
+/// The encoder's tables: a fast hash (the keys come from our own store).
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
+
+/// Most entries of each back-reference table (strings, places, window
+/// definitions, regions); past it, new values are written out in full.
+const TABLE_MAX: usize = 1 << 16;
+
+/// Encodes one record. Values that repeat across records (channels, pack
+/// versions, rule ids and messages, locations, window definitions, regions)
+/// are written in full once, then as back-references; times are relative to
+/// the snapshot's own time, so they are short.
+pub struct Enc {
+    pub b: Vec<u8>,
+    base: i64,
+    strs: HashMap<Box<str>, u32>,
+    places: HashMap<u64, (u32, Location)>,
+    /// Places written in full so far (the reader's table length).
+    places_written: usize,
+    defs: HashMap<(u64, i64, u8), u32>,
+    regions: HashMap<u64, u32>,
+}
+
+/// Writes `var` index + 1 when `key` was written before and returns true;
+/// otherwise writes `0`, remembers `key` and returns false (the caller then
+/// writes the value out).
+fn back_ref<K: std::hash::Hash + Eq>(table: &mut HashMap<K, u32>, key: K, b: &mut Vec<u8>) -> bool {
+    if let Some(&i) = table.get(&key) {
+        b.put_var(u64::from(i) + 1);
+        return true;
+    }
+    b.put_var(0);
+    if table.len() < TABLE_MAX {
+        let n = table.len() as u32;
+        table.insert(key, n);
+    }
+    false
+}
+
+impl Enc {
+    fn new(base: i64) -> Enc {
+        Enc {
+            b: Vec::with_capacity(4096),
+            base,
+            strs: HashMap::default(),
+            places: HashMap::default(),
+            places_written: 0,
+            defs: HashMap::default(),
+            regions: HashMap::default(),
+        }
+    }
+
+    /// The time times are written relative to (the snapshot's).
+    pub fn base(&self) -> i64 {
+        self.base
+    }
+
+    /// A string many records share: `0 str` the first time, then `var`
+    /// index + 1.
+    pub fn sym(&mut self, s: &str) {
+        if let Some(&i) = self.strs.get(s) {
+            self.b.put_var(u64::from(i) + 1);
+            return;
+        }
+        self.b.put_var(0);
+        self.b.put_str(s);
+        if self.strs.len() < TABLE_MAX {
+            let n = self.strs.len() as u32;
+            self.strs.insert(s.into(), n);
+        }
+    }
+
+    /// A time in ms, as `zig` from the snapshot's time.
+    pub fn time(&mut self, ms: i64) {
+        self.b.put_i64(ms.wrapping_sub(self.base));
+    }
+
+    /// A window definition: signature, span, kind (`var` reference or
+    /// `0 sig:u64 span:zig kind:u8`).
+    pub fn def(&mut self, sig: u64, span_ms: i64, kind: u8) {
+        if !back_ref(&mut self.defs, (sig, span_ms, kind), &mut self.b) {
+            self.b.put_u64(sig);
+            self.b.put_i64(span_ms);
+            self.b.put_u8(kind);
+        }
+    }
+
+    /// A region key (`var` reference or `0 u64`).
+    pub fn region(&mut self, key: u64) {
+        if !back_ref(&mut self.regions, key, &mut self.b) {
+            self.b.put_u64(key);
+        }
+    }
+
+    /// An optional location: `0` none, `1` and the location in full, or
+    /// `var` index + 2.
+    pub fn place(&mut self, l: Option<&Location>) {
+        let Some(l) = l else {
+            self.b.put_var(0);
+            return;
+        };
+        let h = super::fnv1a(&[
+            l.country.as_bytes(),
+            l.region.as_bytes(),
+            l.city.as_bytes(),
+            &l.latitude.to_bits().to_le_bytes(),
+            &l.longitude.to_bits().to_le_bytes(),
+            &l.region_key.to_le_bytes(),
+        ]);
+        if let Some((i, known)) = self.places.get(&h) {
+            if known == l {
+                self.b.put_var(u64::from(*i) + 2);
+                return;
+            }
+        }
+        self.b.put_var(1);
+        self.sym(&l.country);
+        self.sym(&l.region);
+        self.sym(&l.city);
+        self.b.put_f64(l.latitude);
+        self.b.put_f64(l.longitude);
+        self.b.put_u64(l.region_key);
+        // Every place written in full takes the next index, as the reader
+        // counts them, even one that cannot be found by its hash.
+        if self.places_written < TABLE_MAX {
+            let i = self.places_written as u32;
+            self.places.entry(h).or_insert_with(|| (i, l.clone()));
+            self.places_written += 1;
+        }
+    }
+}
+
 /// Writes one snapshot file: `FILE.tmp`, then fsync and rename over `FILE`.
 /// Dropped before [`Writer::finish`], it removes the temp file.
 pub struct Writer {
     path: PathBuf,
     tmp: PathBuf,
     out: Option<BufWriter<Summing>>,
-    rec: Vec<u8>,
+    enc: Enc,
     written: u64,
     counts: [u64; 3],
     section: Option<Section>,
@@ -291,6 +422,7 @@ impl Writer {
         name.push(".tmp");
         let tmp = path.with_file_name(name);
         let file = File::create(&tmp).map_err(io_error(&tmp))?;
+        let now = crate::now_ms();
         let mut w = Writer {
             path: path.to_path_buf(),
             tmp,
@@ -301,7 +433,7 @@ impl Writer {
                     sum: Sum::default(),
                 },
             )),
-            rec: Vec::with_capacity(4096),
+            enc: Enc::new(now),
             written: 0,
             counts: [0; 3],
             section: None,
@@ -309,7 +441,7 @@ impl Writer {
         let mut head = Vec::with_capacity(HEADER_LEN as usize);
         head.extend_from_slice(&MAGIC);
         head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        head.extend_from_slice(&crate::now_ms().to_le_bytes());
+        head.extend_from_slice(&now.to_le_bytes());
         w.write(&head)?;
         Ok(w)
     }
@@ -338,19 +470,19 @@ impl Writer {
     }
 
     /// Appends one record of the current section, encoded by `encode`.
-    pub fn record(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), SnapshotError> {
+    pub fn record(&mut self, encode: impl FnOnce(&mut Enc)) -> Result<(), SnapshotError> {
         let Some(section) = self.section else {
             return Err(SnapshotError::Io {
                 path: self.tmp.clone(),
                 source: io::Error::other("snapshot record outside a section"),
             });
         };
-        let mut rec = std::mem::take(&mut self.rec);
-        rec.clear();
-        rec.push(RECORD);
-        encode(&mut rec);
+        self.enc.b.clear();
+        self.enc.b.push(RECORD);
+        encode(&mut self.enc);
+        let rec = std::mem::take(&mut self.enc.b);
         let written = self.write(&rec);
-        self.rec = rec;
+        self.enc.b = rec;
         written?;
         self.counts[section.index()] += 1;
         Ok(())
@@ -442,6 +574,12 @@ pub struct Reader {
     expect: [u64; 3],
     seen: [u64; 3],
     section: Option<Section>,
+    /// The snapshot's time (see [`Enc::time`]) and back-reference tables.
+    base: i64,
+    strs: Vec<Arc<str>>,
+    places: Vec<Arc<Location>>,
+    defs: Vec<(u64, i64, u8)>,
+    regions: Vec<u64>,
 }
 
 /// Reads until `buf` is full or the file ends; returns the bytes read.
@@ -492,6 +630,7 @@ impl Reader {
         let mut v = [0u8; 4];
         v.copy_from_slice(&head[8..12]);
         let found = u32::from_le_bytes(v);
+        let base = le_u64(&head[12..]) as i64;
         if found != FORMAT_VERSION {
             return Err(SnapshotError::Version {
                 path: path.to_path_buf(),
@@ -545,6 +684,11 @@ impl Reader {
             expect,
             seen: [0; 3],
             section: None,
+            base,
+            strs: Vec::new(),
+            places: Vec::new(),
+            defs: Vec::new(),
+            regions: Vec::new(),
         })
     }
 
@@ -672,6 +816,85 @@ impl Reader {
         self.take(&mut b)?;
         String::from_utf8(b).map_err(|_| self.corrupt("a string is not UTF-8"))
     }
+
+    /// A back-reference (`var` index + `offset`) into `table`.
+    fn entry<T: Clone>(&self, table: &[T], v: u64, offset: u64) -> Result<T, SnapshotError> {
+        usize::try_from(v - offset)
+            .ok()
+            .and_then(|i| table.get(i))
+            .cloned()
+            .ok_or_else(|| self.corrupt("a back-reference to nothing"))
+    }
+
+    /// See [`Enc::sym`].
+    pub fn sym(&mut self) -> Result<Arc<str>, SnapshotError> {
+        let v = self.var()?;
+        if v > 0 {
+            return self.entry(&self.strs, v, 1);
+        }
+        let s: Arc<str> = Arc::from(self.string()?);
+        if self.strs.len() < TABLE_MAX {
+            self.strs.push(s.clone());
+        }
+        Ok(s)
+    }
+
+    /// See [`Enc::time`].
+    pub fn time(&mut self) -> Result<i64, SnapshotError> {
+        Ok(self.i64()?.wrapping_add(self.base))
+    }
+
+    pub fn base(&self) -> i64 {
+        self.base
+    }
+
+    /// See [`Enc::def`].
+    pub fn def(&mut self) -> Result<(u64, i64, u8), SnapshotError> {
+        let v = self.var()?;
+        if v > 0 {
+            return self.entry(&self.defs, v, 1);
+        }
+        let def = (self.u64()?, self.i64()?, self.u8()?);
+        if self.defs.len() < TABLE_MAX {
+            self.defs.push(def);
+        }
+        Ok(def)
+    }
+
+    /// See [`Enc::region`].
+    pub fn region(&mut self) -> Result<u64, SnapshotError> {
+        let v = self.var()?;
+        if v > 0 {
+            return self.entry(&self.regions, v, 1);
+        }
+        let key = self.u64()?;
+        if self.regions.len() < TABLE_MAX {
+            self.regions.push(key);
+        }
+        Ok(key)
+    }
+
+    /// See [`Enc::place`].
+    pub fn place(&mut self) -> Result<Option<Arc<Location>>, SnapshotError> {
+        match self.var()? {
+            0 => Ok(None),
+            1 => {
+                let l = Arc::new(Location {
+                    country: self.sym()?.to_string(),
+                    region: self.sym()?.to_string(),
+                    city: self.sym()?.to_string(),
+                    latitude: self.f64()?,
+                    longitude: self.f64()?,
+                    region_key: self.u64()?,
+                });
+                if self.places.len() < TABLE_MAX {
+                    self.places.push(l.clone());
+                }
+                Ok(Some(l))
+            }
+            v => self.entry(&self.places, v, 2).map(Some),
+        }
+    }
 }
 
 fn action_code(a: Action) -> u8 {
@@ -679,117 +902,6 @@ fn action_code(a: Action) -> u8 {
         Action::Allow => 0,
         Action::Challenge => 1,
         Action::Block => 2,
-    }
-}
-
-/// Shares the strings and places many records repeat (pack versions, rule
-/// ids, locations), as they were shared before the snapshot.
-#[derive(Default)]
-pub struct Interner {
-    strs: HashMap<String, Arc<str>>,
-    places: HashMap<PlaceKey, Arc<Location>>,
-}
-
-/// A location's fields as read (country, region, city, latitude and
-/// longitude bits, region key).
-type PlaceKey = (String, String, String, u64, u64, u64);
-
-impl Interner {
-    fn str(&mut self, s: String) -> Arc<str> {
-        if let Some(a) = self.strs.get(&s) {
-            return a.clone();
-        }
-        let a: Arc<str> = Arc::from(s.as_str());
-        self.strs.insert(s, a.clone());
-        a
-    }
-}
-
-pub fn put_facts(b: &mut Vec<u8>, f: &Facts) {
-    for s in [
-        &f.user_id,
-        &f.ip_text,
-        &f.device_id,
-        &f.target,
-        &f.channel,
-        &f.product,
-        &f.currency,
-    ] {
-        b.put_str(s);
-    }
-    b.put_i64(f.amount);
-    b.put_i64(f.timestamp_ms);
-}
-
-pub fn get_facts(r: &mut Reader) -> Result<Facts, SnapshotError> {
-    Ok(Facts {
-        user_id: r.string()?,
-        ip_text: r.string()?,
-        device_id: r.string()?,
-        target: r.string()?,
-        channel: r.string()?,
-        product: r.string()?,
-        currency: r.string()?,
-        amount: r.i64()?,
-        timestamp_ms: r.i64()?,
-    })
-}
-
-pub fn put_location(b: &mut Vec<u8>, l: Option<&Location>) {
-    let Some(l) = l else {
-        b.put_u8(0);
-        return;
-    };
-    b.put_u8(1);
-    b.put_str(&l.country);
-    b.put_str(&l.region);
-    b.put_str(&l.city);
-    b.put_f64(l.latitude);
-    b.put_f64(l.longitude);
-    b.put_u64(l.region_key);
-}
-
-pub fn get_location(
-    r: &mut Reader,
-    interner: &mut Interner,
-) -> Result<Option<Arc<Location>>, SnapshotError> {
-    match r.u8()? {
-        0 => return Ok(None),
-        1 => {}
-        other => return Err(r.corrupt(format!("location flag {other}"))),
-    }
-    let key = (
-        r.string()?,
-        r.string()?,
-        r.string()?,
-        r.u64()?,
-        r.u64()?,
-        r.u64()?,
-    );
-    if let Some(l) = interner.places.get(&key) {
-        return Ok(Some(l.clone()));
-    }
-    let l = Arc::new(Location {
-        country: key.0.clone(),
-        region: key.1.clone(),
-        city: key.2.clone(),
-        latitude: f64::from_bits(key.3),
-        longitude: f64::from_bits(key.4),
-        region_key: key.5,
-    });
-    interner.places.insert(key, l.clone());
-    Ok(Some(l))
-}
-
-fn put_reasons(b: &mut Vec<u8>, reasons: &[Reason]) {
-    b.put_var(reasons.len() as u64);
-    for r in reasons {
-        b.put_str(&r.rule_id);
-        b.put_str(&r.code);
-        b.put_str(&r.message);
-        b.put_u8(action_code(r.action));
-        b.put_i64(r.score);
-        b.put_str(&r.challenge);
     }
 }
 
@@ -802,78 +914,141 @@ fn get_action(r: &mut Reader) -> Result<Action, SnapshotError> {
     })
 }
 
-fn get_reasons(r: &mut Reader, interner: &mut Interner) -> Result<Vec<Reason>, SnapshotError> {
-    // A reason is at least 7 bytes: four empty strings, action, score.
-    let n = r.count(7)?;
+/// Facts: the high-cardinality fields as strings, the rest as shared ones.
+pub fn put_facts(e: &mut Enc, f: &Facts) {
+    for s in [&f.user_id, &f.ip_text, &f.device_id, &f.target] {
+        e.b.put_str(s);
+    }
+    for s in [&f.channel, &f.product, &f.currency] {
+        e.sym(s);
+    }
+    e.b.put_i64(f.amount);
+    e.time(f.timestamp_ms);
+}
+
+pub fn get_facts(r: &mut Reader) -> Result<Facts, SnapshotError> {
+    Ok(Facts {
+        user_id: r.string()?,
+        ip_text: r.string()?,
+        device_id: r.string()?,
+        target: r.string()?,
+        channel: r.sym()?.to_string(),
+        product: r.sym()?.to_string(),
+        currency: r.sym()?.to_string(),
+        amount: r.i64()?,
+        timestamp_ms: r.time()?,
+    })
+}
+
+fn put_reasons(e: &mut Enc, reasons: &[Reason]) {
+    e.b.put_var(reasons.len() as u64);
+    for r in reasons {
+        e.sym(&r.rule_id);
+        e.sym(&r.code);
+        e.sym(&r.message);
+        e.b.put_u8(action_code(r.action));
+        e.b.put_i64(r.score);
+        e.sym(&r.challenge);
+    }
+}
+
+fn get_reasons(r: &mut Reader) -> Result<Vec<Reason>, SnapshotError> {
+    // A reason is at least 6 bytes: four references, action, score.
+    let n = r.count(6)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let rule_id = r.string()?;
         out.push(Reason {
-            rule_id: interner.str(rule_id),
-            code: r.string()?,
-            message: r.string()?,
+            rule_id: r.sym()?,
+            code: r.sym()?.to_string(),
+            message: r.sym()?.to_string(),
             action: get_action(r)?,
             score: r.i64()?,
-            challenge: r.string()?,
+            challenge: r.sym()?.to_string(),
         });
     }
     Ok(out)
 }
 
 /// A decision; its request id is left out when it is the record's key.
-pub fn put_decision(b: &mut Vec<u8>, d: &Decision, key: &str) {
-    b.put_str(if d.request_id == key {
+pub fn put_decision(e: &mut Enc, d: &Decision, key: &str) {
+    e.b.put_str(if d.request_id == key {
         ""
     } else {
         &d.request_id
     });
-    b.put_u8(action_code(d.action));
-    b.put_str(&d.challenge);
-    b.put_i64(d.score);
-    put_reasons(b, &d.reasons);
-    put_reasons(b, &d.shadow_reasons);
-    b.put_str(&d.ruleset_version);
+    e.b.put_u8(action_code(d.action));
+    e.sym(&d.challenge);
+    e.b.put_i64(d.score);
+    put_reasons(e, &d.reasons);
+    put_reasons(e, &d.shadow_reasons);
+    e.sym(&d.ruleset_version);
 }
 
-pub fn get_decision(
-    r: &mut Reader,
-    interner: &mut Interner,
-    key: &str,
-) -> Result<Decision, SnapshotError> {
+pub fn get_decision(r: &mut Reader, key: &str) -> Result<Decision, SnapshotError> {
     let mut request_id = r.string()?;
     if request_id.is_empty() {
         request_id = key.to_string();
     }
-    let action = get_action(r)?;
-    let challenge = r.string()?;
-    let score = r.i64()?;
-    let reasons = get_reasons(r, interner)?;
-    let shadow_reasons = get_reasons(r, interner)?;
-    let version = r.string()?;
     Ok(Decision {
         request_id,
-        action,
-        challenge,
-        score,
-        reasons,
-        shadow_reasons,
-        ruleset_version: interner.str(version),
+        action: get_action(r)?,
+        challenge: r.sym()?.to_string(),
+        score: r.i64()?,
+        reasons: get_reasons(r)?,
+        shadow_reasons: get_reasons(r)?,
+        ruleset_version: r.sym()?,
     })
 }
 
-/// A profile, in its own versioned byte form ([`Profile::encode`]).
-pub fn put_profile(b: &mut Vec<u8>, p: &Profile, scratch: &mut Vec<u8>) {
-    scratch.clear();
-    p.encode(scratch);
-    b.put_var(scratch.len() as u64);
-    b.extend_from_slice(scratch);
+/// A profile: its recent located events (times as deltas, regions as
+/// references), then what it knows of the last located event and login.
+pub fn put_profile(e: &mut Enc, p: &Profile) {
+    let parts = p.parts();
+    e.b.put_var(parts.recent.len() as u64);
+    let mut prev = e.base();
+    for &(t, region) in parts.recent {
+        e.b.put_i64(t.wrapping_sub(prev));
+        e.region(region);
+        prev = t;
+    }
+    let flags = u8::from(parts.last_point.is_some())
+        | u8::from(parts.last_login.is_some()) << 1
+        | u8::from(parts.last_login.is_some_and(|(_, new)| new)) << 2;
+    e.b.put_u8(flags);
+    if let Some((t, lat, lon)) = parts.last_point {
+        e.time(t);
+        e.b.put_f64(lat);
+        e.b.put_f64(lon);
+    }
+    if let Some((t, _)) = parts.last_login {
+        e.time(t);
+    }
 }
 
-pub fn get_profile(r: &mut Reader, scratch: &mut Vec<u8>) -> Result<Profile, SnapshotError> {
-    let n = r.count(1)?;
-    scratch.resize(n, 0);
-    r.take(scratch)?;
-    Profile::decode(scratch).ok_or_else(|| r.corrupt("a profile does not decode"))
+pub fn get_profile(r: &mut Reader) -> Result<Profile, SnapshotError> {
+    let n = r.count(2)?;
+    let mut recent = Vec::with_capacity(n);
+    let mut prev = r.base();
+    for _ in 0..n {
+        let t = prev.wrapping_add(r.i64()?);
+        recent.push((t, r.region()?));
+        prev = t;
+    }
+    let flags = r.u8()?;
+    if flags > 7 {
+        return Err(r.corrupt(format!("profile flags {flags}")));
+    }
+    let last_point = if flags & 1 != 0 {
+        Some((r.time()?, r.f64()?, r.f64()?))
+    } else {
+        None
+    };
+    let last_login = if flags & 2 != 0 {
+        Some((r.time()?, flags & 4 != 0))
+    } else {
+        None
+    };
+    Ok(Profile::from_parts(recent, last_point, last_login))
 }
 
 #[cfg(test)]
@@ -1256,6 +1431,58 @@ mod tests {
     }
 
     #[test]
+    fn back_references_stay_in_step_past_the_tables() {
+        let n = TABLE_MAX + 100;
+        let place =
+            |i: usize| Location::new("CN".into(), format!("r{i}"), "c".into(), i as f64, f64::NAN);
+        let dir = tmp();
+        let path = dir.path().join("t");
+        let mut w = Writer::create(&path).unwrap();
+        w.section(Section::Requests, 0).unwrap();
+        for i in 0..n {
+            w.record(|e| {
+                let s = format!("s{i}");
+                e.sym(&s);
+                e.sym(&s);
+                e.sym("s7");
+                e.place(Some(&place(i)));
+                e.place(Some(&place(i)));
+                e.place(Some(&place(3)));
+                e.def(i as u64, 1000, 0);
+                e.def(i as u64, 1000, 0);
+                e.region(i as u64);
+                e.region(5);
+            })
+            .unwrap();
+        }
+        w.finish().unwrap();
+        let mut r = Reader::open(&path).unwrap();
+        r.section().unwrap();
+        for i in 0..n {
+            assert!(r.record().unwrap());
+            let s = format!("s{i}");
+            assert_eq!(&*r.sym().unwrap(), s);
+            assert_eq!(&*r.sym().unwrap(), s);
+            assert_eq!(&*r.sym().unwrap(), "s7");
+            for want in [i, i, 3] {
+                let got = r.place().unwrap().unwrap();
+                assert_eq!(
+                    (got.region.as_str(), got.latitude),
+                    (&*format!("r{want}"), want as f64)
+                );
+                assert!(got.longitude.is_nan());
+            }
+            assert_eq!(r.def().unwrap(), (i as u64, 1000, 0));
+            assert_eq!(r.def().unwrap(), (i as u64, 1000, 0));
+            assert_eq!(r.region().unwrap(), i as u64);
+            assert_eq!(r.region().unwrap(), 5);
+        }
+        assert!(!r.record().unwrap());
+        assert_eq!(r.section().unwrap(), None);
+        r.finish().unwrap();
+    }
+
+    #[test]
     fn numbers_round_trip() {
         let mut b = Vec::new();
         let ints = [
@@ -1279,7 +1506,7 @@ mod tests {
         // Wrap the bytes in a valid file to read them back with a Reader.
         let mut w = Writer::create(&path).unwrap();
         w.section(Section::Windows, 0).unwrap();
-        w.record(|r| r.extend_from_slice(&b)).unwrap();
+        w.record(|e| e.b.extend_from_slice(&b)).unwrap();
         w.finish().unwrap();
         let mut r = Reader::open(&path).unwrap();
         assert_eq!(r.section().unwrap(), Some((Section::Windows, 0)));
