@@ -16,14 +16,20 @@
 //!          checksum:u64  "RGSNAPOK"                                48 bytes
 //! ```
 //!
-//! Every record starts with its key (`str`) and its age (`var`, see below):
+//! Every record starts with its key (`str`; a window key as its shared
+//! prefix `sym` and the rest `str`) and its age (`var`, see below). `sym`,
+//! `def`, `region` and `place` are back-references: written in full the
+//! first time (`0` or `1` and the value), then as the `var` index of that
+//! first time (see [`Enc`]); `time` is a `zig` from the header's time.
 //!
 //! ```text
-//! window key  windows:var, each  sig:u64 span_ms:zig kind:u8 (0 series, 1 distinct)
-//!             series: n:var (bucket delta:zig, value:zig)*   distinct: n:var (value:u64, seen_ms:zig)*
-//! profile     len:var, Profile::encode's own versioned bytes
-//! request     fingerprint:u64 created_ms:zig outcomes:u8 settled:u8, when settled:
-//!             decision (request id only when it is not the key), facts, location
+//! window key  windows:var, each  def (sig:u64 span_ms:zig kind:u8), then
+//!             series: n:var (bucket delta:zig, value:zig)*   (the first delta from the header time's bucket)
+//!             distinct: n:var (value:u64, seen:time)*
+//! profile     n:var (time delta:zig, region)*  flags:u8  [last point time lat:f64 lon:f64]  [last login time]
+//! request     fingerprint:u64 created:time outcomes:u8 settled:u8, when settled:
+//!             decision (request id only when it is not the key; reasons as syms),
+//!             facts (user, ip, device, target as str; channel, product, currency as sym), place
 //! ```
 //!
 //! `body_len` is the offset of the trailer; `checksum` covers every byte
@@ -40,9 +46,10 @@
 //! checksum in a first pass before anything is loaded.
 //!
 //! The walk over the store (in `memory.rs`) holds one shard's read lock at a
-//! time, so requests keep being served while a snapshot is written; the
-//! snapshot is not one point in time across shards (a key touched during the
-//! walk may be saved before or after the touch).
+//! time, so requests keep being served while a snapshot is written (one
+//! touching the shard being walked waits for it: a few ms at a million
+//! users). The snapshot is not one point in time across shards: a key touched
+//! during the walk may be saved before or after the touch.
 
 use std::collections::HashMap as StdHashMap;
 use std::fs::File;
