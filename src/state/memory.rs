@@ -398,7 +398,7 @@ impl MemoryStore {
         for e in self.windows.map.iter() {
             out.record(|enc| {
                 // "user_id\x1fu1": the prefix is shared by many keys.
-                let key = e.key();
+                let key = e.key().as_str();
                 let at = key.find('\x1f').unwrap_or(key.len());
                 enc.sym(&key[..at]);
                 enc.b.put_str(&key[at..]);
@@ -411,7 +411,7 @@ impl MemoryStore {
         out.section(Section::Profiles, clock)?;
         for e in self.profiles.map.iter() {
             out.record(|enc| {
-                enc.b.put_str(e.key());
+                enc.b.put_str(e.key().as_str());
                 enc.b.put_var(clock.saturating_sub(e.touched));
                 snapshot::put_profile(enc, &e.value);
             })?;
@@ -422,9 +422,10 @@ impl MemoryStore {
         for e in self.requests.map.iter() {
             let Some(entry) = &e.value else { continue };
             out.record(|enc| {
-                enc.b.put_str(e.key());
+                let key = e.key().as_str();
+                enc.b.put_str(key);
                 enc.b.put_var(clock.saturating_sub(e.touched));
-                put_idem(enc, e.key(), entry);
+                put_idem(enc, key, entry);
             })?;
         }
 
@@ -460,17 +461,17 @@ impl MemoryStore {
                 match section {
                     Section::Windows => {
                         let slot = get_slot(&mut r)?;
-                        self.windows.restore(key, touched, slot);
+                        self.windows.restore(&key, touched, slot);
                         stats.window_keys += 1;
                     }
                     Section::Profiles => {
                         let profile = snapshot::get_profile(&mut r)?;
-                        self.profiles.restore(key, touched, profile);
+                        self.profiles.restore(&key, touched, profile);
                         stats.profiles += 1;
                     }
                     Section::Requests => {
                         let entry = get_idem(&mut r, &key)?;
-                        self.requests.restore(key, touched, Some(Arc::new(entry)));
+                        self.requests.restore(&key, touched, Some(Arc::new(entry)));
                         stats.idempotency_records += 1;
                     }
                 }
@@ -649,6 +650,71 @@ fn group_key(group: &super::KeyGroup, facts: &Facts, key: &mut String) -> bool {
 /// Shards per map (a power of two).
 const SHARDS: usize = 512;
 
+/// Key bytes held inline: with the tag and length, a [`Key`] is as small as
+/// it gets (24 bytes) either way.
+const INLINE: usize = 22;
+
+/// A map key: up to [`INLINE`] bytes in place (most user, device and address
+/// keys), longer ones on the heap. At millions of keys, the allocation (and
+/// its allocator overhead) each short key saves is most of a key's cost.
+/// Always built from a `str`; looked up by its bytes.
+#[derive(Clone)]
+enum Key {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<str>),
+}
+
+impl Key {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..*len as usize],
+            Key::Heap(s) => s.as_bytes(),
+        }
+    }
+
+    /// The key as text (snapshots).
+    fn as_str(&self) -> &str {
+        // Built from a `str`, so always UTF-8.
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+}
+
+impl From<&str> for Key {
+    fn from(s: &str) -> Key {
+        if s.len() <= INLINE {
+            let mut bytes = [0u8; INLINE];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            Key::Inline {
+                len: s.len() as u8,
+                bytes,
+            }
+        } else {
+            Key::Heap(Box::from(s))
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+/// Hashes exactly as the borrowed `[u8]` does, as `Borrow` requires.
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Key {}
+
 /// A dashmap with a cap on entries, evicting the least recently used.
 ///
 /// Recency is a global counter stamped on every touch. When an insert takes
@@ -658,7 +724,7 @@ const SHARDS: usize = 512;
 /// a thread that finds the map over its cap waits for the sweep in progress
 /// and checks again.
 struct Bounded<V> {
-    map: DashMap<Box<str>, Stamped<V>, foldhash::fast::RandomState>,
+    map: DashMap<Key, Stamped<V>, foldhash::fast::RandomState>,
     len: AtomicUsize,
     cap: usize,
     clock: AtomicU64,
@@ -699,10 +765,13 @@ impl<V: Default> Bounded<V> {
 
     /// Puts back an entry from a snapshot with its recency stamp; the cap
     /// holds as for any insert.
-    fn restore(&self, key: Box<str>, touched: u64, value: V) {
+    fn restore(&self, key: &str, touched: u64, value: V) {
         self.clock
             .fetch_max(touched.saturating_add(1), Ordering::Relaxed);
-        let fresh = self.map.insert(key, Stamped { touched, value }).is_none();
+        let fresh = self
+            .map
+            .insert(Key::from(key), Stamped { touched, value })
+            .is_none();
         if fresh && self.len.fetch_add(1, Ordering::AcqRel) + 1 > self.cap {
             self.evict();
         }
@@ -711,13 +780,13 @@ impl<V: Default> Bounded<V> {
     /// Runs `f` on the entry for `key`, creating it when absent.
     fn update<R>(&self, key: &str, f: impl FnOnce(&mut V) -> R) -> R {
         let now = self.tick();
-        if let Some(mut e) = self.map.get_mut(key) {
+        if let Some(mut e) = self.map.get_mut(key.as_bytes()) {
             e.touched = now;
             return f(&mut e.value);
         }
         let mut inserted = false;
         let out = {
-            let mut e = self.map.entry(Box::from(key)).or_insert_with(|| {
+            let mut e = self.map.entry(Key::from(key)).or_insert_with(|| {
                 inserted = true;
                 Stamped {
                     touched: now,
@@ -735,14 +804,14 @@ impl<V: Default> Bounded<V> {
 
     /// Runs `f` on the entry for `key` if there is one; creates nothing.
     fn read_mut<R>(&self, key: &str, f: impl FnOnce(Option<&mut V>) -> R) -> R {
-        match self.map.get_mut(key) {
+        match self.map.get_mut(key.as_bytes()) {
             Some(mut e) => f(Some(&mut e.value)),
             None => f(None),
         }
     }
 
     fn read<R>(&self, key: &str, f: impl FnOnce(Option<&V>) -> R) -> R {
-        match self.map.get(key) {
+        match self.map.get(key.as_bytes()) {
             Some(e) => f(Some(&e.value)),
             None => f(None),
         }
@@ -865,6 +934,29 @@ mod tests {
         let got = store.begin(&plan(), &recharge("u", 0), None, false);
         assert_eq!(got.windows, [1], "a dry run counts itself in");
         assert_eq!(store.stats().window_keys, 0);
+    }
+
+    #[test]
+    fn short_keys_inline_long_keys_on_the_heap_one_map() {
+        assert_eq!(std::mem::size_of::<Key>(), 24);
+        let map: Bounded<u32> = Bounded::new(100);
+        let keys = [
+            "",
+            "u",
+            &"x".repeat(INLINE),
+            &"y".repeat(INLINE + 1),
+            &"é".repeat(40),
+        ];
+        for (i, k) in keys.iter().enumerate() {
+            assert!(matches!(Key::from(*k), Key::Inline { .. }) == (k.len() <= INLINE));
+            assert_eq!(Key::from(*k).as_str(), *k);
+            map.update(k, |v| *v = i as u32 + 1);
+        }
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(map.read(k, |v| v.copied()), Some(i as u32 + 1), "{k:?}");
+        }
+        assert_eq!(map.read(&"x".repeat(INLINE - 1), |v| v.copied()), None);
+        assert_eq!(map.len(), keys.len());
     }
 
     #[test]
