@@ -31,6 +31,19 @@
 //!   cost of one read. `hit_static` / `hit_template`: a rule that always
 //!   fires, with a literal message or an interpolated one.
 //!
+//! Instruction counts: the machine these run on is shared and noisy, so
+//! `RISKGATE_BENCH_ITERS=N` skips criterion and runs each `decision/` bench
+//! matching the filter exactly N times (same setup, same epochs), printing
+//! the time per decision; under callgrind, restricted to the timed part, it
+//! gives instructions per decision, which noise does not move:
+//!
+//! ```sh
+//! RISKGATE_BENCH_ITERS=20000 RISKGATE_BENCH_CHECK_STEPS=2000 valgrind --tool=callgrind \
+//!     --callgrind-out-file=/tmp/cg.out --toggle-collect='*counted*' \
+//!     target/release/deps/decision-HASH decision/shipped_pack
+//! callgrind_annotate /tmp/cg.out | head   # total Ir / N = instructions per decision
+//! ```
+//!
 //! Traffic: 50,000 regular users plus new accounts, unverified accounts, bot
 //! devices, floods...; event time advances 100 ms a step; every recharge has
 //! a fresh request id. Logins and outcomes in the stream are applied untimed,
@@ -58,8 +71,8 @@ use riskgate::pack::Pack;
 use riskgate::state::Store;
 
 use native::{
-    check, clone_ctx, demo_geo, shipped_pack, shipped_rule_tables, timed, write_pack, Checked,
-    Native, Pipeline, Rules, Traffic, ALL_CODES, STEP_MS,
+    check, clone_ctx, counted, demo_geo, shipped_pack, shipped_rule_tables, timed, write_pack,
+    Checked, Native, Pipeline, Rules, Traffic, ALL_CODES, STEP_MS,
 };
 
 /// Steps of the equivalence check (`RISKGATE_BENCH_CHECK_STEPS` overrides,
@@ -154,11 +167,58 @@ fn report_check(c: &Checked, took: Duration) {
 
 fn main() {
     let setup = Setup::new();
+    if let Some(n) = std::env::var("RISKGATE_BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        fixed(&setup, n);
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     pipelines(&mut c, &setup);
     rules_only(&mut c, &setup);
     rhai_rules(&mut c, &setup);
     c.final_summary();
+}
+
+/// `RISKGATE_BENCH_ITERS=N`: each `decision/` bench whose name contains the
+/// first argument that is not a flag, exactly N decisions, timed once.
+fn fixed(setup: &Setup, n: u64) {
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a tokio runtime");
+    let wanted = |name: &str| name.contains(filter.as_str());
+    for (name, how) in [
+        ("decision/shipped_pack", How::Pipeline(Rules::Rhai)),
+        ("decision/native_baseline", How::Pipeline(Rules::Native)),
+        ("decision/engine_evaluate", How::Engine(&rt)),
+    ] {
+        if wanted(name) {
+            let took = measure(setup, &mut None, n, how);
+            eprintln!("{name}: {n} decisions, {:?} each", took / n.max(1) as u32);
+        }
+    }
+    let mut ctxs = slots(setup);
+    let mut at = 0;
+    if wanted("decision/rules_only_rhai") {
+        let took = over_ctxs(&mut ctxs, &mut at, n, |ctx| setup.pack.run(ctx));
+        eprintln!(
+            "decision/rules_only_rhai: {n} runs, {:?} each",
+            took / n.max(1) as u32
+        );
+    }
+    if wanted("decision/rules_only_native") {
+        let native = &setup.native;
+        let took = over_ctxs(&mut ctxs, &mut at, n, |ctx| (native.run(&ctx), ctx));
+        eprintln!(
+            "decision/rules_only_native: {n} runs, {:?} each",
+            took / n.max(1) as u32
+        );
+    }
 }
 
 /// A warmed store, its stream, and an engine over the same store; replaced
@@ -315,13 +375,15 @@ fn over_ctxs<V>(
     while left > 0 {
         let n = left.min(256);
         let start = Instant::now();
-        for _ in 0..n {
-            let ctx = slots[*at].take().expect("a context");
-            let (v, ctx) = run(ctx);
-            slots[*at] = Some(ctx);
-            out.push(v);
-            *at = (*at + 1) % slots.len();
-        }
+        counted(|| {
+            for _ in 0..n {
+                let ctx = slots[*at].take().expect("a context");
+                let (v, ctx) = run(ctx);
+                slots[*at] = Some(ctx);
+                out.push(v);
+                *at = (*at + 1) % slots.len();
+            }
+        });
         total += start.elapsed();
         black_box(&out);
         out.clear();

@@ -677,6 +677,15 @@ impl Pipeline {
 /// applied untimed, in stream order, and so is a sweep of idle keys every
 /// `SWEEP_EVERY_MS` of event time; decisions are dropped untimed (they live
 /// on in the idempotency records anyway, as on the server).
+/// Runs the timed part of a benchmark. Not inlined, so that an instruction
+/// count can be restricted to it:
+/// `valgrind --tool=callgrind --toggle-collect='*counted*' ...`
+/// (see `RISKGATE_BENCH_ITERS` in `benches/decision.rs`).
+#[inline(never)]
+pub fn counted<R>(f: impl FnOnce() -> R) -> R {
+    std::hint::black_box(f())
+}
+
 pub fn timed(
     traffic: &mut Traffic,
     iters: u64,
@@ -714,7 +723,7 @@ pub fn timed(
         }
         done += batch.len() as u64;
         let start = Instant::now();
-        decide_all(&mut batch, &mut out);
+        counted(|| decide_all(&mut batch, &mut out));
         total += start.elapsed();
         batch.clear();
         out.clear();

@@ -2,6 +2,7 @@
 //! rule, and list files. Loaded and checked whole, then immutable: a new
 //! version is loaded beside it and swapped in, never edited in place.
 
+pub mod fast;
 pub mod lists;
 pub mod manifest;
 pub mod script;
@@ -12,12 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rhai::{Dynamic, Engine, AST};
+use rhai::{Dynamic, Engine, EvalAltResult, AST};
 
 use crate::decision::{Action, Leniency, Reason};
 use crate::model::{Field, Recharge};
 use crate::state::window::Shape;
 use crate::state::{fnv1a, Aggregate, Counts, KeyGroup, Window, WindowPlan};
+use fast::{FastPlan, Ran, RuleSource};
 use lists::{List, ListKind};
 use manifest::{Amount, Manifest, Mode, OnError, Policy};
 use script::{Ctx, Hit, Names};
@@ -127,6 +129,7 @@ pub struct Pack {
     allowlists: Vec<usize>,
     names: Arc<Names>,
     engine: Engine,
+    fast: FastPlan,
 }
 
 /// What the rules of one request said.
@@ -194,46 +197,51 @@ impl Pack {
 
     /// Runs every rule on one request. Rules are pure: this reads the context
     /// and nothing else. Hands the context back with the verdict.
+    ///
+    /// The rules run on the fast path (see [`fast`]) where they can; a rule
+    /// that cannot, or a segment of rules that failed there, runs the
+    /// original way: each rule on its own AST, with the rule variables in
+    /// scope, on the engine with the pack's limits.
     pub fn run(&self, ctx: Ctx) -> (Verdict, Ctx) {
+        self.run_with(ctx, true)
+    }
+
+    /// [`Pack::run`] without the fast path: every rule evaluated on its own,
+    /// the original way. The same verdict, slower; for tests and benchmarks.
+    pub fn run_rule_by_rule(&self, ctx: Ctx) -> (Verdict, Ctx) {
+        self.run_with(ctx, false)
+    }
+
+    fn run_with(&self, ctx: Ctx, fast: bool) -> (Verdict, Ctx) {
         let ctx = Arc::new(ctx);
         let mut verdict = Verdict::default();
         {
-            let mut scope = script::scope(Some(&ctx));
-            let base = scope.len();
-            for rule in &self.rules {
-                if rule.soft && ctx.allowlisted {
-                    continue;
+            // The rule variables, for the rules that run the original way:
+            // made once, on the first such rule.
+            let mut alone: Option<rhai::Scope> = None;
+            let mut vars = || script::scope(Some(&ctx));
+            let mut out = |ran: Ran| match ran {
+                Ran::Value(i, value) => self.settle(&self.rules[i], Ok(value), &mut verdict),
+                Ran::Slow(i) => {
+                    let rule = &self.rules[i];
+                    let scope = alone.get_or_insert_with(|| script::scope(Some(&ctx)));
+                    let base = scope.len();
+                    let result = self.engine.eval_ast_with_scope::<Dynamic>(scope, &rule.ast);
+                    scope.rewind(base);
+                    self.settle(rule, result, &mut verdict);
                 }
-                let result = self
-                    .engine
-                    .eval_ast_with_scope::<Dynamic>(&mut scope, &rule.ast);
-                scope.rewind(base);
-                let reason = match result {
-                    Ok(v) if v.is_unit() => continue,
-                    Ok(v) => match v.try_cast::<Hit>() {
-                        Some(hit) => self.reason(rule, hit),
-                        None => Err("a rule must end with a hit (block, challenge, flag, notice) or nothing".to_string()),
-                    },
-                    Err(e) => Err(e.to_string()),
-                };
-                rule.hits.fetch_add(1, Ordering::Relaxed);
-                match reason {
-                    Ok((reason, true)) => verdict.shadow_reasons.push(reason),
-                    Ok((reason, false)) => verdict.reasons.push(reason),
-                    Err(error) => {
-                        rule.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(rule = %rule.id, %error, "rule failed");
-                        let reason = rule_error(rule, &error);
-                        if rule.mode == Mode::Shadow {
-                            verdict.shadow_reasons.push(reason);
-                        } else {
-                            verdict.reasons.push(reason);
-                        }
+            };
+            if fast {
+                self.fast.run(&ctx, &mut vars, &mut out);
+            } else {
+                for (i, rule) in self.rules.iter().enumerate() {
+                    if !(rule.soft && ctx.allowlisted) {
+                        out(Ran::Slow(i));
                     }
                 }
             }
         }
-        // Every clone of the context lived in the scope, now dropped.
+        // Every clone of the context lived in the scopes, now dropped.
         let ctx = Arc::try_unwrap(ctx).unwrap_or_else(|shared| Ctx {
             recharge: shared.recharge.clone(),
             location: shared.location.clone(),
@@ -244,6 +252,48 @@ impl Pack {
             names: shared.names.clone(),
         });
         (verdict, ctx)
+    }
+
+    /// Rules on the fast path, of the rules a request that is not
+    /// allow-listed runs.
+    pub fn fast_coverage(&self) -> (usize, usize) {
+        self.fast.coverage()
+    }
+
+    /// What one rule's evaluation means for the verdict: nothing (unit), a
+    /// reason, or a RULE_ERROR reason.
+    fn settle(
+        &self,
+        rule: &Rule,
+        result: Result<Dynamic, Box<EvalAltResult>>,
+        verdict: &mut Verdict,
+    ) {
+        let reason = match result {
+            Ok(v) if v.is_unit() => return,
+            Ok(v) => match v.try_cast::<Hit>() {
+                Some(hit) => self.reason(rule, hit),
+                None => Err(
+                    "a rule must end with a hit (block, challenge, flag, notice) or nothing"
+                        .to_string(),
+                ),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        rule.hits.fetch_add(1, Ordering::Relaxed);
+        match reason {
+            Ok((reason, true)) => verdict.shadow_reasons.push(reason),
+            Ok((reason, false)) => verdict.reasons.push(reason),
+            Err(error) => {
+                rule.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(rule = %rule.id, %error, "rule failed");
+                let reason = rule_error(rule, &error);
+                if rule.mode == Mode::Shadow {
+                    verdict.shadow_reasons.push(reason);
+                } else {
+                    verdict.reasons.push(reason);
+                }
+            }
+        }
     }
 
     /// Turns a hit into a reason; the flag says it goes to shadow_reasons.
@@ -564,6 +614,7 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
         ),
     ]);
     let mut rules = Vec::new();
+    let mut sources = Vec::new();
     let mut ids = HashSet::new();
     for (n, def) in manifest.rules.iter().enumerate() {
         let (l, c) = nth_line_col(&text, "[[rules]]", n);
@@ -613,6 +664,7 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
                         format!("unknown function `{name}`"),
                     ));
                 }
+                sources.push(inlined);
                 rules.push(Rule {
                     id: Arc::from(def.id.as_str()),
                     file: def.file.clone(),
@@ -640,6 +692,25 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
         .collect();
     let version: Arc<str> = Arc::from(format!("{:016x}", fnv1a(&parts)));
 
+    let fast = FastPlan::build(
+        &rules
+            .iter()
+            .zip(&sources)
+            .map(|(rule, source)| RuleSource {
+                source,
+                ast: &rule.ast,
+                soft: rule.soft,
+            })
+            .collect::<Vec<_>>(),
+        &names,
+        manifest.limits.max_operations,
+        || {
+            let mut engine = script::engine(&manifest.limits);
+            script::register_names(&mut engine, &names);
+            engine
+        },
+    );
+
     Some(Pack {
         dir: dir.to_path_buf(),
         name: manifest.pack.name.clone(),
@@ -653,6 +724,7 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
         allowlists,
         names: Arc::new(names),
         engine,
+        fast,
     })
 }
 

@@ -186,14 +186,7 @@ fn register_api(engine: &mut Engine) {
         .register_get("has_purchase_history", |v: &mut AccountVar| {
             v.0.recharge.account.has_purchase_history
         })
-        .register_get("age_days", |v: &mut AccountVar| {
-            let a = &v.0.recharge.account;
-            if a.created_at_ms <= 0 {
-                -1.0
-            } else {
-                (v.0.recharge.facts.timestamp_ms - a.created_at_ms).max(0) as f64 / 86_400_000.0
-            }
-        });
+        .register_get("age_days", |v: &mut AccountVar| age_days(&v.0));
 
     engine
         .register_type_with_name::<WindowVar>("Windows")
@@ -209,15 +202,15 @@ fn register_api(engine: &mut Engine) {
     engine
         .register_type_with_name::<GeoVar>("Location")
         .register_get("known", |v: &mut GeoVar| v.0.location.is_some())
-        .register_get("country", |v: &mut GeoVar| loc_text(v, |l| &l.country))
-        .register_get("region", |v: &mut GeoVar| loc_text(v, |l| &l.region))
-        .register_get("city", |v: &mut GeoVar| loc_text(v, |l| &l.city))
-        .register_get("latitude", |v: &mut GeoVar| {
-            v.0.location.as_ref().map_or(0.0, |l| l.latitude)
+        .register_get("country", |v: &mut GeoVar| {
+            location_text(&v.0, |l| &l.country)
         })
-        .register_get("longitude", |v: &mut GeoVar| {
-            v.0.location.as_ref().map_or(0.0, |l| l.longitude)
-        });
+        .register_get("region", |v: &mut GeoVar| {
+            location_text(&v.0, |l| &l.region)
+        })
+        .register_get("city", |v: &mut GeoVar| location_text(&v.0, |l| &l.city))
+        .register_get("latitude", |v: &mut GeoVar| latitude(&v.0))
+        .register_get("longitude", |v: &mut GeoVar| longitude(&v.0));
 
     engine
         .register_type_with_name::<ProfileVar>("Profile")
@@ -263,12 +256,33 @@ fn register_api(engine: &mut Engine) {
         );
 }
 
-fn loc_text(v: &GeoVar, field: impl Fn(&Location) -> &String) -> String {
-    v.0.location
+/// `account.age_days`: -1.0 when the platform did not say.
+pub fn age_days(ctx: &Ctx) -> f64 {
+    let a = &ctx.recharge.account;
+    if a.created_at_ms <= 0 {
+        -1.0
+    } else {
+        (ctx.recharge.facts.timestamp_ms - a.created_at_ms).max(0) as f64 / 86_400_000.0
+    }
+}
+
+/// `geo.country`, `geo.region`, `geo.city`: "" when the IP has no location.
+pub fn location_text(ctx: &Ctx, field: impl Fn(&Location) -> &String) -> String {
+    ctx.location
         .as_deref()
         .map(field)
         .cloned()
         .unwrap_or_default()
+}
+
+/// `geo.latitude`: 0.0 when the IP has no location.
+pub fn latitude(ctx: &Ctx) -> f64 {
+    ctx.location.as_ref().map_or(0.0, |l| l.latitude)
+}
+
+/// `geo.longitude`: 0.0 when the IP has no location.
+pub fn longitude(ctx: &Ctx) -> f64 {
+    ctx.location.as_ref().map_or(0.0, |l| l.longitude)
 }
 
 /// Registers a property getter for every window, list and parameter of a
@@ -334,9 +348,7 @@ pub fn inline_params(source: &str, names: &Names) -> String {
         .filter(|u| u.namespace == "param")
         .collect();
     uses.sort_by_key(|u| std::cmp::Reverse((u.line, u.col)));
-    let line_starts: Vec<usize> = std::iter::once(0)
-        .chain(source.match_indices('\n').map(|(i, _)| i + 1))
-        .collect();
+    let line_starts = line_starts(source);
     for u in uses {
         let Some(value) = names.params.get(&u.name) else {
             continue;
@@ -356,22 +368,67 @@ pub fn inline_params(source: &str, names: &Names) -> String {
         } else {
             literal
         };
-        // `col` is the 1-based column of the name, in characters.
-        let Some(&start) = line_starts.get(u.line - 1) else {
+        let Some((from, to)) = span_of(source, &line_starts, &u) else {
             continue;
         };
-        let line = &source[start..];
-        let Some((name_at, _)) = line.char_indices().nth(u.col - 1) else {
-            continue;
-        };
-        let name_at = start + name_at;
-        let from = name_at - "param.".len();
-        let to = name_at + u.name.len();
-        if source.get(from..name_at) != Some("param.") || literal.len() > to - from {
+        if literal.len() > to - from {
             continue;
         }
         let padded = format!("{literal:<width$}", width = to - from);
         out.replace_range(from..to, &padded);
+    }
+    out
+}
+
+/// Byte offsets where each line starts.
+fn line_starts(source: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(source.match_indices('\n').map(|(i, _)| i + 1))
+        .collect()
+}
+
+/// The byte range of `namespace.name` for a use found by [`property_uses`].
+fn span_of(source: &str, line_starts: &[usize], u: &NameUse) -> Option<(usize, usize)> {
+    // `col` is the 1-based column of the name, in characters.
+    let start = *line_starts.get(u.line.checked_sub(1)?)?;
+    let (name_at, _) = source[start..].char_indices().nth(u.col.checked_sub(1)?)?;
+    let name_at = start + name_at;
+    let from = name_at.checked_sub(u.namespace.len() + 1)?;
+    let to = name_at + u.name.len();
+    let dotted = source.get(from..name_at)?;
+    (dotted.strip_suffix('.') == Some(u.namespace)).then_some((from, to))
+}
+
+/// Replaces every `namespace.name` read that `feature` knows (it answers an
+/// index) with the variable `<prefix><index>`, padded with spaces to the
+/// same length so every line:column stays put. Method calls
+/// (`request.attr(..)`) and reads whose variable would not fit are left as
+/// they are.
+pub fn rewrite_reads(
+    source: &str,
+    prefix: &str,
+    feature: &mut dyn FnMut(&str, &str) -> Option<usize>,
+) -> String {
+    let mut uses: Vec<NameUse> = property_uses(source, &VARIABLES)
+        .into_iter()
+        .filter(|u| !u.call)
+        .collect();
+    // Right to left, so earlier offsets stay valid.
+    uses.sort_by_key(|u| std::cmp::Reverse((u.line, u.col)));
+    let line_starts = line_starts(source);
+    let mut out = source.to_string();
+    for u in uses {
+        let Some((from, to)) = span_of(source, &line_starts, &u) else {
+            continue;
+        };
+        let Some(index) = feature(u.namespace, &u.name) else {
+            continue;
+        };
+        let var = format!("{prefix}{index}");
+        if var.len() > to - from {
+            continue;
+        }
+        out.replace_range(from..to, &format!("{var:<width$}", width = to - from));
     }
     out
 }
@@ -456,6 +513,8 @@ pub struct NameUse {
     pub name: String,
     pub line: usize,
     pub col: usize,
+    /// Followed by `(`: a method call (`request.attr("k")`), not a read.
+    pub call: bool,
 }
 
 /// Finds every `window.X`, `param.X` and `list.X` in a script (skipping
@@ -463,6 +522,12 @@ pub struct NameUse {
 /// the loader can reject unknown names with their position before the pack
 /// ever serves.
 pub fn name_uses(source: &str) -> Vec<NameUse> {
+    property_uses(source, &["window", "param", "list"])
+}
+
+/// Finds every `NAMESPACE.X` in a script for the given namespaces (see
+/// [`name_uses`]).
+pub fn property_uses(source: &str, namespaces: &[&'static str]) -> Vec<NameUse> {
     #[derive(Clone, Copy, PartialEq)]
     enum St {
         Code,
@@ -512,19 +577,24 @@ pub fn name_uses(source: &str) -> Vec<NameUse> {
                         j += 1;
                     }
                     let word: String = chars[start..j].iter().collect();
-                    if let Some(ns) = ["window", "param", "list"].into_iter().find(|n| *n == word) {
+                    if let Some(ns) = namespaces.iter().copied().find(|n| *n == word) {
                         if chars.get(j) == Some(&'.') {
                             let mut k = j + 1;
                             while k < chars.len() && is_ident(chars[k]) {
                                 k += 1;
                             }
                             let name: String = chars[j + 1..k].iter().collect();
+                            let mut after = k;
+                            while chars.get(after).is_some_and(|c| c.is_whitespace()) {
+                                after += 1;
+                            }
                             if !name.is_empty() {
                                 out.push(NameUse {
                                     namespace: ns,
                                     name,
                                     line,
                                     col: col + (j + 1 - start),
+                                    call: chars.get(after) == Some(&'('),
                                 });
                             }
                         }

@@ -1,0 +1,888 @@
+//! The fast path: a pack's rules evaluated in as few Rhai calls as possible,
+//! on values resolved before any rule runs.
+//!
+//! Why: in Rhai's tree walker a property read (`window.x`, `request.amount`)
+//! is a dot chain plus a native getter call, about 40 times the cost of
+//! reading a variable, and each evaluation starts a fresh runtime state and
+//! function cache. So when a pack loads, every rule is also compiled a second
+//! way:
+//!
+//! - every `namespace.name` read the engine knows (a window, a list, a
+//!   request, account, location or profile field, a parameter that was not
+//!   inlined) becomes a variable `<prefix><n>`, padded to the same length so
+//!   every line:column stays put. A variable resolver on the fast engine
+//!   answers those names from a per-thread table filled once per request
+//!   ([`Feature::value`], the very values the getters return);
+//! - consecutive rules are merged into one program, each rule's body a block
+//!   whose value lands in a variable `<prefix>r<i>`: one evaluation per
+//!   segment. A rule that may `return` ends its segment (its value is then
+//!   the evaluation's result), so a return never skips another rule.
+//!
+//! Exactness: the fast path only ever answers when it ran without error.
+//! Any error in a segment (a runtime error, a limit) re-runs that segment's
+//! rules one by one, on their own ASTs as compiled for `riskgate check`, on
+//! the rule engine with the pack's limits: the RULE_ERROR reason, its
+//! message and the `on_error` action are exactly what they were before.
+//! The fast engine's operations limit is a quarter of the pack's, per
+//! segment: a rewritten read costs one operation where the dot chain it
+//! replaces costs at most four, so a segment that stays under its budget had
+//! every one of its rules under the pack's limit. Rules the fast path cannot
+//! mirror exactly (ones defining functions or closures, or asking whether
+//! a variable or function is defined) always run the original way.
+
+use std::cell::RefCell;
+
+use rhai::{ASTNode, Dynamic, Engine, Expr, ImmutableString, Scope, Stmt, AST};
+
+use super::script::{self, Ctx, Names, VARIABLES};
+
+/// Rules merged into one evaluation at most: bounds what a segment that
+/// fails has to run again.
+const SEGMENT_MAX: usize = 16;
+
+/// The fast engine's operations limit, as a fraction of the pack's.
+pub const OPS_DIVISOR: u64 = 4;
+
+/// A value a script reads as `namespace.name`, resolved natively.
+#[derive(Debug, Clone)]
+pub enum Feature {
+    Window(usize),
+    List(usize),
+    Allowlisted,
+    /// A parameter the compiler did not inline (a string, say): its name
+    /// and value.
+    Param(String, Dynamic),
+    RequestId,
+    UserId,
+    Amount,
+    Currency,
+    Channel,
+    Product,
+    Target,
+    Ip,
+    DeviceId,
+    TimestampMs,
+    IsIpv6,
+    RealNameVerified,
+    Status,
+    CreatedAtMs,
+    HasPurchaseHistory,
+    AgeDays,
+    Known,
+    Country,
+    Region,
+    City,
+    Latitude,
+    Longitude,
+    LocatedEvents,
+    UsualRegion,
+    UsualRegions,
+    LastLoginNewRegion,
+    SecsSinceLogin,
+    TravelKm,
+    TravelKmh,
+}
+
+impl Feature {
+    /// The feature `namespace.name` reads, when the engine knows it.
+    pub fn parse(namespace: &str, name: &str, names: &Names) -> Option<Feature> {
+        use Feature::*;
+        Some(match (namespace, name) {
+            ("window", n) => Window(*names.windows.get(n)?),
+            ("list", "allowlisted") => Allowlisted,
+            ("list", n) => List(*names.lists.get(n)?),
+            ("param", n) => Param(n.to_string(), names.params.get(n)?.clone()),
+            ("request", "id") => RequestId,
+            ("request", "user_id") => UserId,
+            ("request", "amount") => Amount,
+            ("request", "currency") => Currency,
+            ("request", "channel") => Channel,
+            ("request", "product") => Product,
+            ("request", "target") => Target,
+            ("request", "ip") => Ip,
+            ("request", "device_id") => DeviceId,
+            ("request", "timestamp_ms") => TimestampMs,
+            ("request", "is_ipv6") => IsIpv6,
+            ("account", "real_name_verified") => RealNameVerified,
+            ("account", "status") => Status,
+            ("account", "created_at_ms") => CreatedAtMs,
+            ("account", "has_purchase_history") => HasPurchaseHistory,
+            ("account", "age_days") => AgeDays,
+            ("geo", "known") => Known,
+            ("geo", "country") => Country,
+            ("geo", "region") => Region,
+            ("geo", "city") => City,
+            ("geo", "latitude") => Latitude,
+            ("geo", "longitude") => Longitude,
+            ("profile", "located_events") => LocatedEvents,
+            ("profile", "usual_region") => UsualRegion,
+            ("profile", "usual_regions") => UsualRegions,
+            ("profile", "last_login_new_region") => LastLoginNewRegion,
+            ("profile", "secs_since_login") => SecsSinceLogin,
+            ("profile", "travel_km") => TravelKm,
+            ("profile", "travel_kmh") => TravelKmh,
+            _ => return None,
+        })
+    }
+
+    /// Both read the same thing.
+    fn same(&self, other: &Feature) -> bool {
+        match (self, other) {
+            (Feature::Param(a, _), Feature::Param(b, _)) => a == b,
+            (Feature::Window(a), Feature::Window(b)) | (Feature::List(a), Feature::List(b)) => {
+                a == b
+            }
+            _ => std::mem::discriminant(self) == std::mem::discriminant(other),
+        }
+    }
+
+    /// The value, exactly as the getter of `namespace.name` answers it
+    /// (a test checks every one against its getter).
+    pub fn value(&self, ctx: &Ctx, statuses: &Statuses) -> Dynamic {
+        use Feature::*;
+        let r = &ctx.recharge;
+        let f = &r.facts;
+        let p = &ctx.profile;
+        let text = |s: &String| Dynamic::from(ImmutableString::from(s.as_str()));
+        match self {
+            Window(i) => Dynamic::from(ctx.windows[*i]),
+            List(i) => Dynamic::from(ctx.lists[*i]),
+            Allowlisted => Dynamic::from(ctx.allowlisted),
+            Param(_, v) => v.clone(),
+            RequestId => text(&r.request_id),
+            UserId => text(&f.user_id),
+            Amount => Dynamic::from(f.amount),
+            Currency => text(&f.currency),
+            Channel => text(&f.channel),
+            Product => text(&f.product),
+            Target => text(&f.target),
+            Ip => text(&f.ip_text),
+            DeviceId => text(&f.device_id),
+            TimestampMs => Dynamic::from(f.timestamp_ms),
+            IsIpv6 => Dynamic::from(r.ip.is_ipv6()),
+            RealNameVerified => Dynamic::from(r.account.real_name_verified),
+            Status => Dynamic::from(statuses.get(r.account.status)),
+            CreatedAtMs => Dynamic::from(r.account.created_at_ms),
+            HasPurchaseHistory => Dynamic::from(r.account.has_purchase_history),
+            AgeDays => Dynamic::from(script::age_days(ctx)),
+            Known => Dynamic::from(ctx.location.is_some()),
+            Country => Dynamic::from(script::location_text(ctx, |l| &l.country)),
+            Region => Dynamic::from(script::location_text(ctx, |l| &l.region)),
+            City => Dynamic::from(script::location_text(ctx, |l| &l.city)),
+            Latitude => Dynamic::from(script::latitude(ctx)),
+            Longitude => Dynamic::from(script::longitude(ctx)),
+            LocatedEvents => Dynamic::from(p.located_events),
+            UsualRegion => Dynamic::from(p.usual_region),
+            UsualRegions => Dynamic::from(p.usual_regions),
+            LastLoginNewRegion => Dynamic::from(p.last_login_new_region),
+            SecsSinceLogin => Dynamic::from(p.secs_since_login),
+            TravelKm => Dynamic::from(p.travel_km),
+            TravelKmh => Dynamic::from(p.travel_kmh),
+        }
+    }
+}
+
+/// The account statuses as script strings, made once per pack (a clone is a
+/// reference count, not an allocation).
+#[derive(Debug)]
+pub struct Statuses(Vec<(crate::model::AccountStatus, ImmutableString)>);
+
+impl Default for Statuses {
+    fn default() -> Statuses {
+        use crate::model::AccountStatus::*;
+        Statuses(
+            [Unspecified, Active, Frozen, Lost, Arrears, Closed]
+                .into_iter()
+                .map(|s| (s, ImmutableString::from(s.name())))
+                .collect(),
+        )
+    }
+}
+
+impl Statuses {
+    fn get(&self, status: crate::model::AccountStatus) -> ImmutableString {
+        self.0
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or_else(|| status.name().into(), |(_, name)| name.clone())
+    }
+}
+
+thread_local! {
+    /// The features of the request this thread is deciding, in pack order.
+    static FEATURES: RefCell<Vec<Dynamic>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What one rule is on the fast path.
+pub struct FastRule {
+    /// The rule's body as a block whose value lands in `result`.
+    ast: AST,
+    /// The variable holding the rule's value after a segment ran.
+    result: ImmutableString,
+    /// The rule may end the evaluation (`return`, `exit`): it ends its
+    /// segment.
+    returns: bool,
+    /// It reads one of the rule variables whole (`request.attr(..)`, say):
+    /// its segment needs them in scope.
+    needs_vars: bool,
+}
+
+/// One step of a run, in rule order.
+enum Step {
+    /// Rules (indexes into the pack's rules) merged into one evaluation.
+    Segment {
+        ast: AST,
+        rules: Vec<(usize, ImmutableString)>,
+        needs_vars: bool,
+    },
+    /// A rule run on its own, the original way.
+    Alone(usize),
+}
+
+/// The fast path of one pack.
+pub struct FastPlan {
+    /// Engine for the segments: the rule engine's API, a quarter of its
+    /// operations limit, and the feature resolver.
+    engine: Engine,
+    features: Vec<Feature>,
+    statuses: Statuses,
+    /// Steps for a request that is not allow-listed, and for one that is
+    /// (soft rules left out).
+    all: Vec<Step>,
+    hard: Vec<Step>,
+}
+
+/// What the loader knows of a rule, for the fast path.
+pub struct RuleSource<'a> {
+    /// The source as compiled for the rule engine (parameters inlined).
+    pub source: &'a str,
+    /// That compiled AST.
+    pub ast: &'a AST,
+    pub soft: bool,
+}
+
+/// How a step went, for [`FastPlan::run`]'s caller.
+pub enum Ran {
+    /// A rule's value (unit: nothing to report).
+    Value(usize, Dynamic),
+    /// These rules must run the original way (a segment failed, or they
+    /// always do), in this order.
+    Slow(usize),
+}
+
+impl FastPlan {
+    /// Builds the fast path for a pack's rules. `engine` makes a fresh copy
+    /// of the pack's rule engine; `max_operations` is the pack's limit.
+    pub fn build(
+        rules: &[RuleSource],
+        names: &Names,
+        max_operations: u64,
+        engine: impl FnOnce() -> Engine,
+    ) -> FastPlan {
+        let prefix = free_prefix(rules.iter().map(|r| r.source));
+        let mut engine = engine();
+        engine.set_max_operations(if max_operations == 0 {
+            0
+        } else {
+            (max_operations / OPS_DIVISOR).max(1)
+        });
+        let resolver_prefix = prefix.clone();
+        // `on_var` is marked volatile (not deprecated) by Rhai.
+        #[allow(deprecated)]
+        engine.on_var(move |name, _, _| {
+            let Some(n) = name.strip_prefix(resolver_prefix.as_str()) else {
+                return Ok(None);
+            };
+            let Ok(i) = n.parse::<usize>() else {
+                return Ok(None);
+            };
+            Ok(FEATURES.with(|f| f.borrow().get(i).cloned()))
+        });
+
+        let mut features: Vec<Feature> = Vec::new();
+        let mut fast: Vec<Option<FastRule>> = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            fast.push(fast_rule(&engine, rule, i, &prefix, names, &mut features));
+        }
+        let steps = |keep: &dyn Fn(&RuleSource) -> bool| {
+            let mut steps = Vec::new();
+            let mut open: Vec<usize> = Vec::new();
+            let close = |open: &mut Vec<usize>, steps: &mut Vec<Step>| {
+                if open.is_empty() {
+                    return;
+                }
+                let mut ast = AST::empty();
+                let mut needs_vars = false;
+                let mut members = Vec::new();
+                for &i in open.iter() {
+                    let f = fast[i].as_ref().expect("only fast rules are merged");
+                    ast = ast.merge(&f.ast);
+                    needs_vars |= f.needs_vars;
+                    members.push((i, f.result.clone()));
+                }
+                steps.push(Step::Segment {
+                    ast,
+                    rules: members,
+                    needs_vars,
+                });
+                open.clear();
+            };
+            for (i, rule) in rules.iter().enumerate() {
+                if !keep(rule) {
+                    continue;
+                }
+                match &fast[i] {
+                    Some(f) => {
+                        open.push(i);
+                        if f.returns || open.len() >= SEGMENT_MAX {
+                            close(&mut open, &mut steps);
+                        }
+                    }
+                    None => {
+                        close(&mut open, &mut steps);
+                        steps.push(Step::Alone(i));
+                    }
+                }
+            }
+            close(&mut open, &mut steps);
+            steps
+        };
+        let all = steps(&|_| true);
+        let hard = steps(&|r| !r.soft);
+        FastPlan {
+            engine,
+            features,
+            statuses: Statuses::default(),
+            all,
+            hard,
+        }
+    }
+
+    /// How many rules run on the fast path, of how many (allow-listed or not).
+    pub fn coverage(&self) -> (usize, usize) {
+        let fast = self
+            .all
+            .iter()
+            .map(|s| match s {
+                Step::Segment { rules, .. } => rules.len(),
+                Step::Alone(_) => 0,
+            })
+            .sum();
+        let total = self
+            .all
+            .iter()
+            .map(|s| match s {
+                Step::Segment { rules, .. } => rules.len(),
+                Step::Alone(_) => 1,
+            })
+            .sum();
+        (fast, total)
+    }
+
+    /// Runs the rules for one request, handing each outcome to `out` in rule
+    /// order. `vars` gives the scope with the rule variables, for segments
+    /// that need them (made at most once, by the caller).
+    pub fn run(
+        &self,
+        ctx: &Ctx,
+        vars: &mut dyn FnMut() -> Scope<'static>,
+        out: &mut dyn FnMut(Ran),
+    ) {
+        let steps = if ctx.allowlisted {
+            &self.hard
+        } else {
+            &self.all
+        };
+        if steps.iter().any(|s| matches!(s, Step::Segment { .. })) {
+            FEATURES.with(|f| {
+                let mut f = f.borrow_mut();
+                f.clear();
+                f.extend(self.features.iter().map(|x| x.value(ctx, &self.statuses)));
+            });
+        }
+        for step in steps {
+            match step {
+                Step::Alone(i) => out(Ran::Slow(*i)),
+                Step::Segment {
+                    ast,
+                    rules,
+                    needs_vars,
+                } => {
+                    let mut scope = if *needs_vars { vars() } else { Scope::new() };
+                    match self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, ast) {
+                        Ok(last) => {
+                            let mut last = Some(last);
+                            let mut done = true;
+                            for (i, name) in rules {
+                                if !done {
+                                    // Not reached: a rule before it ended
+                                    // the evaluation (never, as segments
+                                    // are built), so it runs on its own.
+                                    out(Ran::Slow(*i));
+                                    continue;
+                                }
+                                match scope.get(name) {
+                                    Some(v) => out(Ran::Value(*i, v.clone())),
+                                    None => {
+                                        // This rule returned: its value is
+                                        // the evaluation's.
+                                        out(Ran::Value(*i, last.take().unwrap_or_default()));
+                                        done = false;
+                                    }
+                                }
+                            }
+                        }
+                        Err(_) => rules.iter().for_each(|(i, _)| out(Ran::Slow(*i))),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A prefix no rule's source contains, for the fast path's variables.
+fn free_prefix<'a>(sources: impl Iterator<Item = &'a str> + Clone) -> String {
+    let mut prefix = "_rg".to_string();
+    while sources.clone().any(|s| s.contains(&prefix)) {
+        prefix.push('x');
+    }
+    prefix
+}
+
+/// Compiles one rule for the fast path, or says it must run the original
+/// way.
+fn fast_rule(
+    engine: &Engine,
+    rule: &RuleSource,
+    index: usize,
+    prefix: &str,
+    names: &Names,
+    features: &mut Vec<Feature>,
+) -> Option<FastRule> {
+    if rule.ast.has_functions() || asks_about_definitions(rule.ast) || binds_variable(rule.ast) {
+        return None;
+    }
+    let mut feature_index = |namespace: &str, name: &str| {
+        let feature = Feature::parse(namespace, name, names)?;
+        Some(match features.iter().position(|f| f.same(&feature)) {
+            Some(i) => i,
+            None => {
+                features.push(feature);
+                features.len() - 1
+            }
+        })
+    };
+    let rewritten = script::rewrite_reads(rule.source, prefix, &mut feature_index);
+    let result: ImmutableString = format!("{prefix}r{index}").into();
+    // On the first line, so the rule's lines keep their numbers.
+    let wrapped = format!("let {result} = {{{rewritten}\n}};");
+    let mut scope = script::scope(None);
+    for i in 0..features.len() {
+        // Not constants: the optimizer must not fold them.
+        scope.push(format!("{prefix}{i}"), ());
+    }
+    let ast = engine.compile_with_scope(&scope, &wrapped).ok()?;
+    if ast.has_functions() {
+        return None;
+    }
+    let mut returns = false;
+    let mut needs_vars = false;
+    ast.walk(&mut |path: &[ASTNode]| {
+        match path.last() {
+            Some(ASTNode::Stmt(Stmt::Return(..))) => returns = true,
+            Some(ASTNode::Expr(Expr::FnCall(f, _))) | Some(ASTNode::Stmt(Stmt::FnCall(f, _)))
+                if f.name == "exit" =>
+            {
+                returns = true
+            }
+            Some(ASTNode::Expr(Expr::Variable(v, ..))) if VARIABLES.contains(&v.1.as_str()) => {
+                needs_vars = true
+            }
+            _ => {}
+        }
+        true
+    });
+    Some(FastRule {
+        ast,
+        result,
+        returns,
+        needs_vars,
+    })
+}
+
+/// Calls that see the scope or the function table, which differ on the fast
+/// path.
+fn asks_about_definitions(ast: &AST) -> bool {
+    let mut found = false;
+    ast.walk(&mut |path: &[ASTNode]| {
+        if let Some(ASTNode::Expr(Expr::FnCall(f, _)))
+        | Some(ASTNode::Expr(Expr::MethodCall(f, _)))
+        | Some(ASTNode::Stmt(Stmt::FnCall(f, _))) = path.last()
+        {
+            if ["is_def_var", "is_def_fn", "Fn", "call", "curry"].contains(&f.name.as_str()) {
+                found = true;
+            }
+        }
+        !found
+    });
+    found
+}
+
+/// A `let`, `const`, loop or `catch` variable named like a rule variable:
+/// `profile.x` would then read the rule's own `profile`, not the feature.
+fn binds_variable(ast: &AST) -> bool {
+    let mut found = false;
+    ast.walk(&mut |path: &[ASTNode]| {
+        let bound: Vec<&str> = match path.last() {
+            Some(ASTNode::Stmt(Stmt::Var(x, ..))) => vec![x.0.name.as_str()],
+            Some(ASTNode::Stmt(Stmt::For(x, _))) => std::iter::once(x.0.name.as_str())
+                .chain(x.1.as_ref().map(|c| c.name.as_str()))
+                .collect(),
+            Some(ASTNode::Stmt(Stmt::TryCatch(x, _))) => match &x.expr {
+                Expr::Variable(v, ..) => vec![v.1.as_str()],
+                _ => vec![],
+            },
+            Some(ASTNode::Stmt(Stmt::Import(x, _))) => vec![x.1.name.as_str()],
+            _ => vec![],
+        };
+        found |= bound.iter().any(|n| VARIABLES.contains(n));
+        !found
+    });
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::decision::Reason;
+    use crate::geo::Location;
+    use crate::model::{Account, AccountStatus, Facts, Recharge};
+    use crate::pack::{Pack, Verdict};
+    use crate::state::ProfileView;
+
+    const MANIFEST: &str = r#"
+[policy]
+allowlists = ["user_allow"]
+
+[limits]
+max_operations = 2000
+
+[params]
+limit = 5
+label = "a string parameter"
+
+[windows.w]
+key = ["user_id"]
+aggregate = "count"
+span = "10m"
+
+[windows.s]
+key = ["user_id"]
+aggregate = "sum"
+span = "1h"
+
+[lists.user_allow]
+kind = "user"
+file = "allow.txt"
+
+[lists.b]
+kind = "ip"
+file = "block.txt"
+"#;
+
+    /// A pack of `(id, script, extra manifest lines)` rules.
+    fn pack(rules: &[(&str, &str, &str)]) -> Pack {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), rules);
+        Pack::load(dir.path()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn write(dir: &Path, rules: &[(&str, &str, &str)]) {
+        let mut manifest = MANIFEST.to_string();
+        for (id, script, extra) in rules {
+            std::fs::write(dir.join(format!("{id}.rhai")), script).unwrap();
+            manifest.push_str(&format!(
+                "\n[[rules]]\nid = \"{id}\"\nfile = \"{id}.rhai\"\nscore = 10\n{extra}\n"
+            ));
+        }
+        std::fs::write(dir.join("pack.toml"), manifest).unwrap();
+        std::fs::write(dir.join("allow.txt"), "vip\n").unwrap();
+        std::fs::write(dir.join("block.txt"), "192.0.2.0/24\n").unwrap();
+    }
+
+    fn ctx(pack: &Pack, user: &str, amount: i64, located: bool) -> Ctx {
+        let ip = "192.0.2.7".parse().unwrap();
+        let recharge = Recharge {
+            request_id: format!("r-{user}-{amount}"),
+            facts: Facts {
+                user_id: user.to_string(),
+                ip_text: "192.0.2.7".to_string(),
+                device_id: "d1".to_string(),
+                target: "13800000000".to_string(),
+                channel: "wechat".to_string(),
+                product: "phone_credit".to_string(),
+                currency: "CNY".to_string(),
+                amount,
+                timestamp_ms: 1_767_225_600_000,
+            },
+            ip,
+            account: Account {
+                real_name_verified: amount % 2 == 0,
+                status: if amount > 900 {
+                    AccountStatus::Frozen
+                } else {
+                    AccountStatus::Active
+                },
+                created_at_ms: 1_767_225_600_000 - 3 * 86_400_000,
+                has_purchase_history: false,
+            },
+            attributes: HashMap::from([("promo".to_string(), "x1".to_string())]),
+            dry_run: false,
+        };
+        let location = located.then(|| {
+            Arc::new(Location::new(
+                "CN".into(),
+                "Hubei".into(),
+                "Wuhan".into(),
+                30.5,
+                114.3,
+            ))
+        });
+        let begun = crate::state::Begun {
+            windows: vec![amount / 100, amount],
+            profile: ProfileView {
+                located_events: 4,
+                usual_region: false,
+                usual_regions: 2,
+                last_login_new_region: true,
+                secs_since_login: 30,
+                travel_km: 1234.5,
+                travel_kmh: 2500.0,
+            },
+        };
+        pack.context(recharge, location, begun)
+    }
+
+    fn same(a: &Verdict, b: &Verdict) {
+        let key = |rs: &[Reason]| -> Vec<String> {
+            rs.iter()
+                .map(|r| {
+                    format!(
+                        "{}|{}|{}|{:?}|{}|{}",
+                        r.rule_id, r.code, r.message, r.action, r.score, r.challenge
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(key(&a.reasons), key(&b.reasons));
+        assert_eq!(key(&a.shadow_reasons), key(&b.shadow_reasons));
+    }
+
+    /// The fast path and the rule-by-rule path agree, for every request of
+    /// a small mix; returns the fast verdicts.
+    fn agree(pack: &Pack) -> Vec<Verdict> {
+        let mut out = Vec::new();
+        for (user, amount, located) in [
+            ("u1", 100, true),
+            ("u2", 999, false),
+            ("vip", 500, true),
+            ("u3", 12_345, true),
+            ("vip", 12_346, false),
+        ] {
+            let (fast, c) = pack.run(ctx(pack, user, amount, located));
+            let (slow, _) = pack.run_rule_by_rule(c);
+            same(&fast, &slow);
+            out.push(fast);
+        }
+        out
+    }
+
+    #[test]
+    fn every_feature_is_what_its_getter_answers() {
+        let reads: Vec<String> = [
+            "window.w",
+            "window.s",
+            "list.b",
+            "list.user_allow",
+            "list.allowlisted",
+            "param.label",
+            "request.id",
+            "request.user_id",
+            "request.amount",
+            "request.currency",
+            "request.channel",
+            "request.product",
+            "request.target",
+            "request.ip",
+            "request.device_id",
+            "request.timestamp_ms",
+            "request.is_ipv6",
+            "account.real_name_verified",
+            "account.status",
+            "account.created_at_ms",
+            "account.has_purchase_history",
+            "account.age_days",
+            "geo.known",
+            "geo.country",
+            "geo.region",
+            "geo.city",
+            "geo.latitude",
+            "geo.longitude",
+            "profile.located_events",
+            "profile.usual_region",
+            "profile.usual_regions",
+            "profile.last_login_new_region",
+            "profile.secs_since_login",
+            "profile.travel_km",
+            "profile.travel_kmh",
+        ]
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+        // Each read, compared with `type_of` and its text: both paths must
+        // produce the same message.
+        let script: String = reads
+            .iter()
+            .map(|r| format!("${{type_of({r})}}={{${{{r}}}}};"))
+            .collect();
+        let p = pack(&[("all", &format!("flag(\"ALL\", `{script}`)"), "")]);
+        assert_eq!(p.fast_coverage(), (1, 1));
+        for verdict in agree(&p) {
+            assert_eq!(verdict.reasons.len(), 1, "{verdict:?}");
+        }
+        // Each feature parses, so each read above went through the fast path.
+        let names = &p.names;
+        for r in &reads {
+            let (ns, name) = r.split_once('.').unwrap();
+            assert!(Feature::parse(ns, name, names).is_some(), "{r}");
+        }
+    }
+
+    #[test]
+    fn the_fast_path_gives_what_rule_by_rule_gives() {
+        let p = pack(&[
+            ("hit", "if window.w > 3 { challenge(\"BIG\", `n=${window.w} ${param.label}`).ask(\"sms\") }", ""),
+            ("ret", "if !account.real_name_verified { return block(\"RN\", \"x\"); } if request.amount > 10000 { return flag(\"BIGSUM\", \"y\").score(7) }", ""),
+            ("after", "if list.b { block(\"LISTED\", `${request.ip}`) }", "soft = true"),
+            ("status", "switch account.status { \"frozen\" => block(\"FROZEN\", \"z\"), _ => () }", ""),
+            ("attr", "if request.attr(\"promo\") == \"x1\" && profile.travel_kmh > 1000.0 { notice(\"PROMO\", \"p\") }", "mode = \"shadow\""),
+            ("shadowing", "let profile = #{usual_region: true}; if profile.usual_region { flag(\"SHADOWED\", \"s\") }", ""),
+            ("geo", "if geo.known { flag(\"GEO\", geo.region + geo.city) } else { () }", "soft = true"),
+            ("exits", "if request.amount == 999 { exit(flag(\"EXIT\", \"e\")) } flag(\"NOEXIT\", \"n\")", ""),
+            ("last", "if account.age_days < 7.0 { flag(\"NEW\", `${account.age_days}`) }", ""),
+        ]);
+        let verdicts = agree(&p);
+        assert!(verdicts
+            .iter()
+            .any(|v| v.reasons.iter().any(|r| r.code == "BIGSUM")));
+        assert!(verdicts
+            .iter()
+            .any(|v| v.reasons.iter().any(|r| r.code == "EXIT")));
+        assert!(verdicts
+            .iter()
+            .any(|v| v.reasons.iter().any(|r| r.code == "NEW")));
+        assert!(verdicts
+            .iter()
+            .all(|v| v.reasons.iter().any(|r| r.code == "SHADOWED")));
+        // `shadowing` declares its own `profile`: it must run the original way.
+        let (fast, total) = p.fast_coverage();
+        assert_eq!((fast, total), (8, 9));
+    }
+
+    #[test]
+    fn failing_rules_are_attributed_exactly() {
+        let p = pack(&[
+            ("fine", "if window.w > 0 { flag(\"FINE\", \"f\") }", ""),
+            ("runaway", "if request.amount > 10000 { loop { } }", ""),
+            (
+                "divides",
+                "let x = 1 / (request.amount - request.amount); ()",
+                "",
+            ),
+            ("wrong_type", "42", ""),
+            (
+                "throws",
+                "if request.amount > 900 { throw \"lookup failed\" }",
+                "on_error = \"block\"",
+            ),
+            ("after", "flag(\"AFTER\", `${window.s}`)", ""),
+        ]);
+        let verdicts = agree(&p);
+        let errors = |v: &Verdict| -> Vec<String> {
+            v.reasons
+                .iter()
+                .filter(|r| r.code == crate::pack::RULE_ERROR)
+                .map(|r| r.rule_id.to_string())
+                .collect()
+        };
+        assert_eq!(errors(&verdicts[0]), ["divides", "wrong_type"]);
+        assert_eq!(
+            errors(&verdicts[3]),
+            ["runaway", "divides", "wrong_type", "throws"]
+        );
+        assert!(verdicts[3]
+            .reasons
+            .iter()
+            .any(|r| r.rule_id.as_ref() == "runaway" && r.message.contains("operations")));
+        assert!(verdicts
+            .iter()
+            .all(|v| v.reasons.iter().any(|r| r.code == "AFTER")));
+    }
+
+    #[test]
+    fn a_rule_near_the_operations_limit_is_judged_by_the_original_count() {
+        // About 1,500 of the pack's 2,000 operations in the original form,
+        // fewer once rewritten: it must still pass, and a slightly longer
+        // one must still fail, as rule by rule.
+        let looped = |n: i64| {
+            format!("let t = 0; for i in 0..{n} {{ t += window.w + request.amount; }} if t > 0 {{ flag(\"T\", `${{t}}`) }}")
+        };
+        let mut failed = Vec::new();
+        for n in [20, 50, 80, 100, 150, 250] {
+            let p = pack(&[("loop", &looped(n), "")]);
+            let errors = agree(&p)[0]
+                .reasons
+                .iter()
+                .filter(|r| r.code == crate::pack::RULE_ERROR)
+                .count();
+            failed.push(errors > 0);
+        }
+        // Both sides of the limit were seen.
+        assert!(
+            failed.contains(&true) && failed.contains(&false),
+            "{failed:?}"
+        );
+    }
+
+    #[test]
+    fn hit_counters_count_each_decision_once() {
+        let p = pack(&[
+            ("a", "if window.w > 0 { flag(\"A\", \"a\") }", ""),
+            ("b", "if request.amount > 900 { throw \"no\" }", ""),
+        ]);
+        let (v, _) = p.run(ctx(&p, "u1", 950, true));
+        assert_eq!(v.reasons.len(), 2);
+        assert_eq!((p.rules[0].hits(), p.rules[0].errors()), (1, 0));
+        assert_eq!((p.rules[1].hits(), p.rules[1].errors()), (1, 1));
+    }
+
+    #[test]
+    fn reads_are_rewritten_in_place() {
+        let mut seen = Vec::new();
+        let src =
+            "if window.w > 3 && request.attr(\"k\") == \"\" {\n  `${geo.region}`\n} // window.w";
+        let out = script::rewrite_reads(src, "_rg", &mut |ns, name| {
+            seen.push(format!("{ns}.{name}"));
+            Some(seen.len() - 1)
+        });
+        assert_eq!(
+            out,
+            "if _rg1     > 3 && request.attr(\"k\") == \"\" {\n  `${_rg0      }`\n} // window.w"
+        );
+        assert_eq!(seen, ["geo.region", "window.w"]);
+    }
+}
