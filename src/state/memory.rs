@@ -10,7 +10,7 @@ use dashmap::DashMap;
 use super::profile::Profile;
 use super::snapshot::{self, Put, Section, SnapshotError, SnapshotStats};
 use super::window::{push_small, Distinct, Series, Shape};
-use super::{fnv1a, Aggregate, Begun, Conflict, Counts, Window, WindowPlan};
+use super::{Aggregate, Begun, Conflict, Counts, Touch, Window, WindowPlan};
 use crate::decision::{Action, Decision};
 use crate::geo::Location;
 use crate::model::{Facts, Login, OutcomeKind, Recharge};
@@ -131,17 +131,6 @@ impl Slot {
     }
 }
 
-/// How one request touches one window.
-#[derive(Clone, Copy)]
-enum Touch {
-    /// Add to the window and read it back, in one step.
-    Record(i64),
-    /// Read, counting this request in without recording it (dry run).
-    Include(i64),
-    /// Read only.
-    Read,
-}
-
 impl MemoryStore {
     pub fn new(limits: MemoryLimits) -> MemoryStore {
         MemoryStore {
@@ -189,15 +178,7 @@ impl MemoryStore {
         let facts = &recharge.facts;
         let mut values = vec![0i64; plan.windows.len()];
         self.touch_windows(plan, facts, &mut values, |w| {
-            if !matches!(w.counts, Counts::Attempts | Counts::Allowed)
-                || facts.amount < w.min_amount
-            {
-                Touch::Read
-            } else if record {
-                Touch::Record(delta(w, facts))
-            } else {
-                Touch::Include(delta(w, facts))
-            }
+            Touch::of_recharge(w, facts, record)
         });
         let ts = facts.timestamp_ms;
         let profile = self.profiles.read(&facts.user_id, |p| {
@@ -244,7 +225,7 @@ impl MemoryStore {
         let mut values = vec![0i64; plan.windows.len()];
         self.touch_windows(plan, &facts, &mut values, |w| {
             if w.counts == want {
-                Touch::Record(delta(w, &facts))
+                Touch::Record(w.delta(&facts))
             } else {
                 Touch::Read
             }
@@ -293,7 +274,7 @@ impl MemoryStore {
             let mut values = vec![0i64; plan.windows.len()];
             self.touch_windows(plan, &at, &mut values, |w| {
                 if w.counts == want && facts.amount >= w.min_amount {
-                    Touch::Record(delta(w, &at))
+                    Touch::Record(w.delta(&at))
                 } else {
                     Touch::Read
                 }
@@ -311,22 +292,22 @@ impl MemoryStore {
     fn release(&self, plan: &WindowPlan, facts: &Facts) {
         let mut key = String::new();
         for group in &plan.groups {
-            let releasing = group.windows.iter().any(|&i| {
-                let w = &plan.windows[i];
-                w.counts == Counts::Allowed && !matches!(w.aggregate, Aggregate::Distinct(_))
-            });
-            if !releasing || !group_key(group, facts, &mut key) {
+            let releasing = group
+                .windows
+                .iter()
+                .any(|&i| plan.windows[i].releases(facts));
+            if !releasing || !group.key(facts, &mut key) {
                 continue;
             }
             self.windows.read_mut(&key, |slot| {
                 let Some(slot) = slot else { return };
                 for &i in &group.windows {
                     let w = &plan.windows[i];
-                    if w.counts != Counts::Allowed || facts.amount < w.min_amount {
+                    if !w.releases(facts) {
                         continue;
                     }
                     if let Some(Agg::Series(s)) = slot.find(w) {
-                        s.remove(w.shape, facts.timestamp_ms, delta(w, facts));
+                        s.remove(w.shape, facts.timestamp_ms, w.delta(facts));
                     }
                 }
             });
@@ -345,7 +326,7 @@ impl MemoryStore {
         let mut key = String::with_capacity(64);
         let ts = facts.timestamp_ms;
         for group in &plan.groups {
-            if !group_key(group, facts, &mut key) {
+            if !group.key(facts, &mut key) {
                 continue;
             }
             let records = group
@@ -618,33 +599,6 @@ fn touch(slot: Option<&mut Slot>, w: &Window, how: Touch, ts: i64) -> i64 {
         (None, Touch::Include(d)) => d,
         (None, _) => 0,
     }
-}
-
-/// What one request adds to a window: 1 for counts, the amount for sums, the
-/// hash of the field for distinct counts.
-fn delta(w: &Window, facts: &Facts) -> i64 {
-    match w.aggregate {
-        Aggregate::Count => 1,
-        Aggregate::Sum => facts.amount,
-        Aggregate::Distinct(field) => match facts.text(field) {
-            Some(text) => fnv1a(&[text.as_bytes()]) as i64,
-            None => fnv1a(&[&facts.amount.to_le_bytes()]) as i64,
-        },
-    }
-}
-
-/// Builds a group's key ("user_id\x1fu1") into `key`; false when a field of the
-/// key is empty, and the group does not apply.
-fn group_key(group: &super::KeyGroup, facts: &Facts, key: &mut String) -> bool {
-    key.clear();
-    key.push_str(&group.prefix);
-    for &field in &group.fields {
-        key.push('\x1f');
-        if !facts.write(field, key) {
-            return false;
-        }
-    }
-    true
 }
 
 /// Shards per map (a power of two).
