@@ -18,10 +18,14 @@
 //!   `Pack::run` (Rhai), `combine`, `settle`, store the decision: what
 //!   `Engine::evaluate` does, through public calls, without async.
 //! - `decision/native_baseline`: the same, with `Native::run` for `Pack::run`.
+//! - `decision/shipped_pack_rule_by_rule`: the same, with
+//!   `Pack::run_rule_by_rule` (no fast path: every rule its own Rhai
+//!   evaluation, as before the fast path), for a before/after in one run.
 //! - `decision/engine_evaluate`: `Engine::evaluate` itself on a current-thread
 //!   runtime (one `block_on` per 256 decisions), to show the mirror is faithful.
 //! - `decision/rules_only_rhai` / `_native`: `Pack::run` / `Native::run` alone
-//!   on contexts sampled from the check (real window values, the same mix).
+//!   on contexts sampled from the check (real window values, the same mix);
+//!   `rules_only_rhai_rule_by_rule`: `Pack::run_rule_by_rule`.
 //! - `rhai_rule/<id>`: one shipped rule alone (a one-rule copy of the pack),
 //!   on the same contexts; `rhai_rule/empty_x1` and `empty_x13` are packs of
 //!   empty scripts: `Pack::run`'s fixed cost, and its cost per rule evaluated.
@@ -107,6 +111,12 @@ impl Setup {
             .unwrap_or(CHECK_STEPS);
         let checked = check(&pack, &geo, &native, steps);
         report_check(&checked, started.elapsed());
+        let (compiled, merged, alone) = pack.fast_coverage();
+        eprintln!(
+            "check: rules compiled {compiled}, in merged Rhai segments {merged}, alone {alone}; \
+             hand-overs to Rhai per rule {:?}",
+            pack.fast_bails()
+        );
         Setup {
             pack,
             geo,
@@ -181,7 +191,7 @@ fn main() {
     c.final_summary();
 }
 
-/// `RISKGATE_BENCH_ITERS=N`: each `decision/` bench whose name contains the
+/// `RISKGATE_BENCH_ITERS=N`: each `decision/` bench whose name ends with the
 /// first argument that is not a flag, exactly N decisions, timed once.
 fn fixed(setup: &Setup, n: u64) {
     let filter = std::env::args()
@@ -191,11 +201,15 @@ fn fixed(setup: &Setup, n: u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("a tokio runtime");
-    let wanted = |name: &str| name.contains(filter.as_str());
+    let wanted = |name: &str| name.ends_with(filter.as_str());
     for (name, how) in [
         ("decision/shipped_pack", How::Pipeline(Rules::Rhai)),
         ("decision/native_baseline", How::Pipeline(Rules::Native)),
         ("decision/engine_evaluate", How::Engine(&rt)),
+        (
+            "decision/shipped_pack_rule_by_rule",
+            How::Pipeline(Rules::RhaiRuleByRule),
+        ),
     ] {
         if wanted(name) {
             let took = measure(setup, &mut None, n, how);
@@ -208,6 +222,15 @@ fn fixed(setup: &Setup, n: u64) {
         let took = over_ctxs(&mut ctxs, &mut at, n, |ctx| setup.pack.run(ctx));
         eprintln!(
             "decision/rules_only_rhai: {n} runs, {:?} each",
+            took / n.max(1) as u32
+        );
+    }
+    if wanted("decision/rules_only_rhai_rule_by_rule") {
+        let took = over_ctxs(&mut ctxs, &mut at, n, |ctx| {
+            setup.pack.run_rule_by_rule(ctx)
+        });
+        eprintln!(
+            "decision/rules_only_rhai_rule_by_rule: {n} runs, {:?} each",
             took / n.max(1) as u32
         );
     }
@@ -327,6 +350,10 @@ fn pipelines(c: &mut Criterion, setup: &Setup) {
         ("shipped_pack", How::Pipeline(Rules::Rhai)),
         ("native_baseline", How::Pipeline(Rules::Native)),
         ("engine_evaluate", How::Engine(&rt)),
+        (
+            "shipped_pack_rule_by_rule",
+            How::Pipeline(Rules::RhaiRuleByRule),
+        ),
     ] {
         let mut state = None;
         g.bench_function(name, |b| {
@@ -408,6 +435,13 @@ fn rules_only(c: &mut Criterion, setup: &Setup) {
     let mut at = 0;
     g.bench_function("rules_only_rhai", |b| {
         b.iter_custom(|iters| over_ctxs(&mut ctxs, &mut at, iters, |ctx| setup.pack.run(ctx)));
+    });
+    g.bench_function("rules_only_rhai_rule_by_rule", |b| {
+        b.iter_custom(|iters| {
+            over_ctxs(&mut ctxs, &mut at, iters, |ctx| {
+                setup.pack.run_rule_by_rule(ctx)
+            })
+        });
     });
     let native = &setup.native;
     g.bench_function("rules_only_native", |b| {

@@ -524,6 +524,9 @@ impl Traffic {
 pub enum Rules {
     /// `Pack::run`: the Rhai scripts.
     Rhai,
+    /// `Pack::run_rule_by_rule`: each script evaluated on its own by Rhai,
+    /// without the fast path (compiled rules, merged segments).
+    RhaiRuleByRule,
     /// `Native::run`: the same rules in Rust.
     Native,
 }
@@ -593,6 +596,7 @@ impl Pipeline {
         let ctx = pack.context(recharge, location.clone(), begun);
         let (verdict, ctx) = match rules {
             Rules::Rhai => pack.run(ctx),
+            Rules::RhaiRuleByRule => pack.run_rule_by_rule(ctx),
             Rules::Native => (self.native.run(&ctx), ctx),
         };
         if let Some(capture) = capture {

@@ -34,6 +34,7 @@ use std::cell::RefCell;
 
 use rhai::{ASTNode, Dynamic, Engine, Expr, ImmutableString, Scope, Stmt, AST};
 
+use super::compiled::{Compiler, Frame, Program, Value};
 use super::script::{self, Ctx, Names, VARIABLES};
 
 /// Rules merged into one evaluation at most: bounds what a segment that
@@ -51,7 +52,7 @@ pub enum Feature {
     Allowlisted,
     /// A parameter the compiler did not inline (a string, say): its name
     /// and value.
-    Param(String, Dynamic),
+    Param(String, Value),
     RequestId,
     UserId,
     Amount,
@@ -91,7 +92,7 @@ impl Feature {
             ("window", n) => Window(*names.windows.get(n)?),
             ("list", "allowlisted") => Allowlisted,
             ("list", n) => List(*names.lists.get(n)?),
-            ("param", n) => Param(n.to_string(), names.params.get(n)?.clone()),
+            ("param", n) => Param(n.to_string(), Value::from_param(names.params.get(n)?)?),
             ("request", "id") => RequestId,
             ("request", "user_id") => UserId,
             ("request", "amount") => Amount,
@@ -138,46 +139,47 @@ impl Feature {
 
     /// The value, exactly as the getter of `namespace.name` answers it
     /// (a test checks every one against its getter).
-    pub fn value(&self, ctx: &Ctx, statuses: &Statuses) -> Dynamic {
+    pub fn value(&self, ctx: &Ctx, statuses: &Statuses) -> Value {
         use Feature::*;
+        use Value::{Bool, Float, Int};
         let r = &ctx.recharge;
         let f = &r.facts;
         let p = &ctx.profile;
-        let text = |s: &String| Dynamic::from(ImmutableString::from(s.as_str()));
+        let text = |s: &str| Value::Str(ImmutableString::from(s));
         match self {
-            Window(i) => Dynamic::from(ctx.windows[*i]),
-            List(i) => Dynamic::from(ctx.lists[*i]),
-            Allowlisted => Dynamic::from(ctx.allowlisted),
+            Window(i) => Int(ctx.windows[*i]),
+            List(i) => Bool(ctx.lists[*i]),
+            Allowlisted => Bool(ctx.allowlisted),
             Param(_, v) => v.clone(),
             RequestId => text(&r.request_id),
             UserId => text(&f.user_id),
-            Amount => Dynamic::from(f.amount),
+            Amount => Int(f.amount),
             Currency => text(&f.currency),
             Channel => text(&f.channel),
             Product => text(&f.product),
             Target => text(&f.target),
             Ip => text(&f.ip_text),
             DeviceId => text(&f.device_id),
-            TimestampMs => Dynamic::from(f.timestamp_ms),
-            IsIpv6 => Dynamic::from(r.ip.is_ipv6()),
-            RealNameVerified => Dynamic::from(r.account.real_name_verified),
-            Status => Dynamic::from(statuses.get(r.account.status)),
-            CreatedAtMs => Dynamic::from(r.account.created_at_ms),
-            HasPurchaseHistory => Dynamic::from(r.account.has_purchase_history),
-            AgeDays => Dynamic::from(script::age_days(ctx)),
-            Known => Dynamic::from(ctx.location.is_some()),
-            Country => Dynamic::from(script::location_text(ctx, |l| &l.country)),
-            Region => Dynamic::from(script::location_text(ctx, |l| &l.region)),
-            City => Dynamic::from(script::location_text(ctx, |l| &l.city)),
-            Latitude => Dynamic::from(script::latitude(ctx)),
-            Longitude => Dynamic::from(script::longitude(ctx)),
-            LocatedEvents => Dynamic::from(p.located_events),
-            UsualRegion => Dynamic::from(p.usual_region),
-            UsualRegions => Dynamic::from(p.usual_regions),
-            LastLoginNewRegion => Dynamic::from(p.last_login_new_region),
-            SecsSinceLogin => Dynamic::from(p.secs_since_login),
-            TravelKm => Dynamic::from(p.travel_km),
-            TravelKmh => Dynamic::from(p.travel_kmh),
+            TimestampMs => Int(f.timestamp_ms),
+            IsIpv6 => Bool(r.ip.is_ipv6()),
+            RealNameVerified => Bool(r.account.real_name_verified),
+            Status => Value::Str(statuses.get(r.account.status)),
+            CreatedAtMs => Int(r.account.created_at_ms),
+            HasPurchaseHistory => Bool(r.account.has_purchase_history),
+            AgeDays => Float(script::age_days(ctx)),
+            Known => Bool(ctx.location.is_some()),
+            Country => text(script::location_str(ctx, |l| &l.country)),
+            Region => text(script::location_str(ctx, |l| &l.region)),
+            City => text(script::location_str(ctx, |l| &l.city)),
+            Latitude => Float(script::latitude(ctx)),
+            Longitude => Float(script::longitude(ctx)),
+            LocatedEvents => Int(p.located_events),
+            UsualRegion => Bool(p.usual_region),
+            UsualRegions => Int(p.usual_regions),
+            LastLoginNewRegion => Bool(p.last_login_new_region),
+            SecsSinceLogin => Int(p.secs_since_login),
+            TravelKm => Float(p.travel_km),
+            TravelKmh => Float(p.travel_kmh),
         }
     }
 }
@@ -214,7 +216,7 @@ thread_local! {
 }
 
 /// What one rule is on the fast path.
-pub struct FastRule {
+struct FastRule {
     /// The rule's body as a block whose value lands in `result`.
     ast: AST,
     /// The variable holding the rule's value after a segment ran.
@@ -225,6 +227,8 @@ pub struct FastRule {
     /// It reads one of the rule variables whole (`request.attr(..)`, say):
     /// its segment needs them in scope.
     needs_vars: bool,
+    /// The rule compiled to Rust, when it only uses what that handles.
+    program: Option<Program>,
 }
 
 /// One step of a run, in rule order.
@@ -237,6 +241,8 @@ enum Step {
     },
     /// A rule run on its own, the original way.
     Alone(usize),
+    /// A rule compiled to Rust (its program in [`FastPlan::programs`]).
+    Compiled(usize),
 }
 
 /// The fast path of one pack.
@@ -246,6 +252,13 @@ pub struct FastPlan {
     engine: Engine,
     features: Vec<Feature>,
     statuses: Statuses,
+    /// Compiled rules, by rule index.
+    programs: Vec<Option<Program>>,
+    /// Local variable slots the largest program needs.
+    slots: usize,
+    /// Times each compiled rule handed a request over to Rhai.
+    bails: Vec<std::sync::atomic::AtomicU64>,
+    max_string: usize,
     /// Steps for a request that is not allow-listed, and for one that is
     /// (soft rules left out).
     all: Vec<Step>,
@@ -265,6 +278,8 @@ pub struct RuleSource<'a> {
 pub enum Ran {
     /// A rule's value (unit: nothing to report).
     Value(usize, Dynamic),
+    /// A compiled rule's value.
+    Compiled(usize, Value),
     /// These rules must run the original way (a segment failed, or they
     /// always do), in this order.
     Slow(usize),
@@ -276,9 +291,10 @@ impl FastPlan {
     pub fn build(
         rules: &[RuleSource],
         names: &Names,
-        max_operations: u64,
+        limits: &super::manifest::Limits,
         engine: impl FnOnce() -> Engine,
     ) -> FastPlan {
+        let max_operations = limits.max_operations;
         let prefix = free_prefix(rules.iter().map(|r| r.source));
         let mut engine = engine();
         engine.set_max_operations(if max_operations == 0 {
@@ -301,8 +317,14 @@ impl FastPlan {
 
         let mut features: Vec<Feature> = Vec::new();
         let mut fast: Vec<Option<FastRule>> = Vec::new();
+        let compiler = Compiler {
+            engine: &engine,
+            prefix: &prefix,
+            max_operations,
+            max_variables: 256,
+        };
         for (i, rule) in rules.iter().enumerate() {
-            fast.push(fast_rule(&engine, rule, i, &prefix, names, &mut features));
+            fast.push(fast_rule(&compiler, rule, i, names, &mut features));
         }
         let steps = |keep: &dyn Fn(&RuleSource) -> bool| {
             let mut steps = Vec::new();
@@ -332,6 +354,10 @@ impl FastPlan {
                     continue;
                 }
                 match &fast[i] {
+                    Some(f) if f.program.is_some() => {
+                        close(&mut open, &mut steps);
+                        steps.push(Step::Compiled(i));
+                    }
                     Some(f) => {
                         open.push(i);
                         if f.returns || open.len() >= SEGMENT_MAX {
@@ -349,34 +375,66 @@ impl FastPlan {
         };
         let all = steps(&|_| true);
         let hard = steps(&|r| !r.soft);
+        let programs: Vec<Option<Program>> = fast
+            .into_iter()
+            .map(|f| f.and_then(|f| f.program))
+            .collect();
+        let slots = programs
+            .iter()
+            .flatten()
+            .map(|p| p.slots)
+            .max()
+            .unwrap_or(0);
         FastPlan {
             engine,
             features,
             statuses: Statuses::default(),
+            bails: programs.iter().map(|_| Default::default()).collect(),
+            programs,
+            slots,
+            max_string: limits.max_string_size,
             all,
             hard,
         }
     }
 
-    /// How many rules run on the fast path, of how many (allow-listed or not).
-    pub fn coverage(&self) -> (usize, usize) {
-        let fast = self
-            .all
+    /// Some step always needs the rule variables (a rule run alone, or a
+    /// segment reading a variable whole): the caller should share the
+    /// context from the start.
+    pub fn needs_shared(&self) -> bool {
+        self.all.iter().chain(&self.hard).any(|s| {
+            matches!(
+                s,
+                Step::Alone(_)
+                    | Step::Segment {
+                        needs_vars: true,
+                        ..
+                    }
+            )
+        })
+    }
+
+    /// Per rule: how many times its compiled form handed a request over to
+    /// Rhai (an error to report, or a value it does not handle).
+    pub fn bails(&self) -> Vec<u64> {
+        self.bails
             .iter()
-            .map(|s| match s {
-                Step::Segment { rules, .. } => rules.len(),
-                Step::Alone(_) => 0,
-            })
-            .sum();
-        let total = self
-            .all
-            .iter()
-            .map(|s| match s {
-                Step::Segment { rules, .. } => rules.len(),
-                Step::Alone(_) => 1,
-            })
-            .sum();
-        (fast, total)
+            .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Of the rules a request that is not allow-listed runs: how many are
+    /// compiled, how many run in merged Rhai segments, how many run alone.
+    pub fn coverage(&self) -> (usize, usize, usize) {
+        let mut out = (0, 0, 0);
+        for s in &self.all {
+            match s {
+                Step::Compiled(_) => out.0 += 1,
+                Step::Segment { rules, .. } => out.1 += rules.len(),
+                Step::Alone(_) => out.2 += 1,
+            }
+        }
+        out
     }
 
     /// Runs the rules for one request, handing each outcome to `out` in rule
@@ -393,21 +451,47 @@ impl FastPlan {
         } else {
             &self.all
         };
-        if steps.iter().any(|s| matches!(s, Step::Segment { .. })) {
-            FEATURES.with(|f| {
-                let mut f = f.borrow_mut();
-                f.clear();
-                f.extend(self.features.iter().map(|x| x.value(ctx, &self.statuses)));
-            });
-        }
+        let mut features: Vec<Option<Value>> = vec![None; self.features.len()];
+        let mut dynamic_features = false;
+        let mut locals = Vec::with_capacity(self.slots);
         for step in steps {
             match step {
                 Step::Alone(i) => out(Ran::Slow(*i)),
+                Step::Compiled(i) => {
+                    let program = self.programs[*i].as_ref().expect("a compiled rule");
+                    let mut frame = Frame {
+                        ctx,
+                        defs: &self.features,
+                        statuses: &self.statuses,
+                        features: &mut features,
+                        locals: &mut locals,
+                        max_string: self.max_string,
+                    };
+                    match program.run(&mut frame) {
+                        Some(value) => out(Ran::Compiled(*i, value)),
+                        None => {
+                            self.bails[*i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            out(Ran::Slow(*i))
+                        }
+                    }
+                }
                 Step::Segment {
                     ast,
                     rules,
                     needs_vars,
                 } => {
+                    if !dynamic_features {
+                        FEATURES.with(|f| {
+                            let mut f = f.borrow_mut();
+                            f.clear();
+                            f.extend(self.features.iter().zip(&features).map(|(def, v)| {
+                                v.clone()
+                                    .unwrap_or_else(|| def.value(ctx, &self.statuses))
+                                    .into_dynamic()
+                            }));
+                        });
+                        dynamic_features = true;
+                    }
                     let mut scope = if *needs_vars { vars() } else { Scope::new() };
                     match self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, ast) {
                         Ok(last) => {
@@ -452,13 +536,13 @@ fn free_prefix<'a>(sources: impl Iterator<Item = &'a str> + Clone) -> String {
 /// Compiles one rule for the fast path, or says it must run the original
 /// way.
 fn fast_rule(
-    engine: &Engine,
+    compiler: &Compiler,
     rule: &RuleSource,
     index: usize,
-    prefix: &str,
     names: &Names,
     features: &mut Vec<Feature>,
 ) -> Option<FastRule> {
+    let (engine, prefix) = (compiler.engine, compiler.prefix);
     if rule.ast.has_functions() || asks_about_definitions(rule.ast) || binds_variable(rule.ast) {
         return None;
     }
@@ -502,11 +586,20 @@ fn fast_rule(
         }
         true
     });
+    let program = if needs_vars {
+        None
+    } else {
+        engine
+            .compile_with_scope(&scope, &rewritten)
+            .ok()
+            .and_then(|bare| compiler.compile(&bare, &rewritten))
+    };
     Some(FastRule {
         ast,
         result,
         returns,
         needs_vars,
+        program,
     })
 }
 
@@ -749,10 +842,15 @@ file = "block.txt"
             .iter()
             .map(|r| format!("${{type_of({r})}}={{${{{r}}}}};"))
             .collect();
-        let p = pack(&[("all", &format!("flag(\"ALL\", `{script}`)"), "")]);
-        assert_eq!(p.fast_coverage(), (1, 1));
+        // The same reads as text only: that rule is compiled.
+        let text: String = reads.iter().map(|r| format!("{r}={{${{{r}}}}};")).collect();
+        let p = pack(&[
+            ("typed", &format!("flag(\"TYPED\", `{script}`)"), ""),
+            ("text", &format!("flag(\"TEXT\", `{text}`)"), ""),
+        ]);
+        assert_eq!(p.fast_coverage(), (1, 1, 0));
         for verdict in agree(&p) {
-            assert_eq!(verdict.reasons.len(), 1, "{verdict:?}");
+            assert_eq!(verdict.reasons.len(), 2, "{verdict:?}");
         }
         // Each feature parses, so each read above went through the fast path.
         let names = &p.names;
@@ -788,9 +886,58 @@ file = "block.txt"
         assert!(verdicts
             .iter()
             .all(|v| v.reasons.iter().any(|r| r.code == "SHADOWED")));
-        // `shadowing` declares its own `profile`: it must run the original way.
-        let (fast, total) = p.fast_coverage();
-        assert_eq!((fast, total), (8, 9));
+        // `shadowing` declares its own `profile`: it must run the original
+        // way; `attr` and `exits` call what is not compiled.
+        assert_eq!(p.fast_coverage(), (6, 2, 1));
+    }
+
+    #[test]
+    fn compiled_operators_are_rhais() {
+        let p = pack(&[
+            ("ints", "let a = request.amount; let b = a * 3 - 7 % 4; if a / 3 > b / 10 && !(a == b) { flag(\"INTS\", `${a / 3} ${b} ${-a} ${a % 7}`) }", ""),
+            ("floats", "let x = profile.travel_km; let y = x * 1.0000000000000002; if x == y && x >= y && !(x < y) && x != y + 1.0 { flag(\"EPS\", `${x} ${y} ${x / 3.0} ${x.to_int()} ${x + 1}`) }", ""),
+            ("mixed", "if request.amount > profile.travel_km || 100 < account.age_days { flag(\"MIXED\", `${account.age_days * 2}`) }", ""),
+            ("strings", "let t = request.target + \"-\" + request.channel; if t > \"1\" && t != \"\" && geo.region <= \"Z\" { flag(\"STR\", t) }", ""),
+            ("bools", "if (true > false) && (list.b >= list.user_allow) && (() == ()) { notice(\"BOOL\", `${()}|${true}|${1.5}|${-0.0}|${1e300 * 10.0}|${0.1 + 0.2}`).score(3) }", ""),
+            ("overflow", "let big = 9223372036854775807; if request.amount > 900 { big + request.amount } else { () }", ""),
+            ("div0", "if request.amount == 999 { request.amount / (request.amount - 999) } else { () }", ""),
+            ("types", "if request.amount == 100 { request.amount == \"100\" } else { () }", ""),
+            ("switch", "switch account.status { \"frozen\" if request.amount > 950 => block(\"F1\", \"f\"), \"frozen\" => challenge(\"F2\", \"g\").ask(\"sms\"), \"active\" => { let s = `${account.status}!`; flag(\"ACT\", s) }, _ => () }", ""),
+            ("nested", "let n = 1; if window.w > 0 { let n = n + 1; if n == 2 { return flag(\"NESTED\", `${n}`); } } flag(\"OUTER\", `${n}`)", ""),
+        ]);
+        let (compiled, _, _) = p.fast_coverage();
+        assert_eq!(compiled, 10);
+        let verdicts = agree(&p);
+        // Only where Rhai has an error to report (or an operator on types
+        // not compiled) does a compiled rule hand over.
+        let bails = p.fast.bails();
+        let ids: Vec<&str> = p.rules.iter().map(|r| r.id.as_ref()).collect();
+        let handed: Vec<(&str, u64)> = ids
+            .iter()
+            .copied()
+            .zip(bails)
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        assert_eq!(handed, [("overflow", 3), ("div0", 1), ("types", 1)]);
+        let codes: Vec<Vec<&str>> = verdicts
+            .iter()
+            .map(|v| v.reasons.iter().map(|r| r.code.as_str()).collect())
+            .collect();
+        assert!(codes.iter().flatten().any(|c| *c == "INTS"), "{codes:?}");
+        assert!(codes.iter().flatten().any(|c| *c == "EPS"), "{codes:?}");
+        assert!(codes.iter().flatten().any(|c| *c == "F1"), "{codes:?}");
+        assert!(codes.iter().flatten().any(|c| *c == "ACT"), "{codes:?}");
+        assert!(codes.iter().flatten().any(|c| *c == "NESTED"), "{codes:?}");
+        // The overflow, the division by zero and the comparison of an int
+        // with a string are Rhai's to report (or not).
+        let errors: Vec<String> = verdicts
+            .iter()
+            .flat_map(|v| v.reasons.iter())
+            .filter(|r| r.code == crate::pack::RULE_ERROR)
+            .map(|r| r.rule_id.to_string())
+            .collect();
+        assert!(errors.contains(&"overflow".to_string()), "{errors:?}");
+        assert!(errors.contains(&"div0".to_string()), "{errors:?}");
     }
 
     #[test]

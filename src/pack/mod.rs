@@ -2,6 +2,7 @@
 //! rule, and list files. Loaded and checked whole, then immutable: a new
 //! version is loaded beside it and swapped in, never edited in place.
 
+pub mod compiled;
 pub mod fast;
 pub mod lists;
 pub mod manifest;
@@ -213,6 +214,9 @@ impl Pack {
     }
 
     fn run_with(&self, ctx: Ctx, fast: bool) -> (Verdict, Ctx) {
+        if fast && !self.fast.needs_shared() {
+            return self.run_owned(ctx);
+        }
         let ctx = Arc::new(ctx);
         let mut verdict = Verdict::default();
         {
@@ -221,15 +225,8 @@ impl Pack {
             let mut alone: Option<rhai::Scope> = None;
             let mut vars = || script::scope(Some(&ctx));
             let mut out = |ran: Ran| match ran {
-                Ran::Value(i, value) => self.settle(&self.rules[i], Ok(value), &mut verdict),
-                Ran::Slow(i) => {
-                    let rule = &self.rules[i];
-                    let scope = alone.get_or_insert_with(|| script::scope(Some(&ctx)));
-                    let base = scope.len();
-                    let result = self.engine.eval_ast_with_scope::<Dynamic>(scope, &rule.ast);
-                    scope.rewind(base);
-                    self.settle(rule, result, &mut verdict);
-                }
+                Ran::Slow(i) => self.run_alone(i, &ctx, &mut alone, &mut verdict),
+                ran => self.settle_ran(ran, &mut verdict),
             };
             if fast {
                 self.fast.run(&ctx, &mut vars, &mut out);
@@ -242,22 +239,73 @@ impl Pack {
             }
         }
         // Every clone of the context lived in the scopes, now dropped.
-        let ctx = Arc::try_unwrap(ctx).unwrap_or_else(|shared| Ctx {
-            recharge: shared.recharge.clone(),
-            location: shared.location.clone(),
-            windows: shared.windows.clone(),
-            profile: shared.profile.clone(),
-            lists: shared.lists.clone(),
-            allowlisted: shared.allowlisted,
-            names: shared.names.clone(),
-        });
+        let ctx = Arc::try_unwrap(ctx).unwrap_or_else(|shared| (*shared).clone());
         (verdict, ctx)
     }
 
-    /// Rules on the fast path, of the rules a request that is not
-    /// allow-listed runs.
-    pub fn fast_coverage(&self) -> (usize, usize) {
+    /// The fast path when no rule needs the rule variables as a rule: the
+    /// context is only borrowed, and shared (a copy) only if a rule hands a
+    /// request over to Rhai.
+    fn run_owned(&self, ctx: Ctx) -> (Verdict, Ctx) {
+        let mut verdict = Verdict::default();
+        {
+            let mut shared: Option<Arc<Ctx>> = None;
+            let mut alone: Option<rhai::Scope> = None;
+            // No step reads the variables whole (`needs_shared`).
+            let mut vars = || script::scope(None);
+            let mut out = |ran: Ran| match ran {
+                Ran::Slow(i) => {
+                    let shared = shared.get_or_insert_with(|| Arc::new(ctx.clone()));
+                    self.run_alone(i, shared, &mut alone, &mut verdict)
+                }
+                ran => self.settle_ran(ran, &mut verdict),
+            };
+            self.fast.run(&ctx, &mut vars, &mut out);
+        }
+        (verdict, ctx)
+    }
+
+    /// One rule, the original way: its own AST, the rule variables in scope.
+    fn run_alone(
+        &self,
+        i: usize,
+        ctx: &Arc<Ctx>,
+        scope: &mut Option<rhai::Scope<'static>>,
+        verdict: &mut Verdict,
+    ) {
+        let rule = &self.rules[i];
+        let scope = scope.get_or_insert_with(|| script::scope(Some(ctx)));
+        let base = scope.len();
+        let result = self.engine.eval_ast_with_scope::<Dynamic>(scope, &rule.ast);
+        scope.rewind(base);
+        self.settle(rule, result, verdict);
+    }
+
+    fn settle_ran(&self, ran: Ran, verdict: &mut Verdict) {
+        match ran {
+            Ran::Value(i, value) => self.settle(&self.rules[i], Ok(value), verdict),
+            Ran::Compiled(_, compiled::Value::Unit) => {}
+            Ran::Compiled(i, compiled::Value::Hit(hit)) => {
+                let rule = &self.rules[i];
+                self.record(rule, self.reason(rule, *hit), verdict)
+            }
+            Ran::Compiled(i, value) => {
+                self.settle(&self.rules[i], Ok(value.into_dynamic()), verdict)
+            }
+            Ran::Slow(_) => unreachable!("run by the caller"),
+        }
+    }
+
+    /// Of the rules a request that is not allow-listed runs: how many are
+    /// compiled to Rust, how many run in merged Rhai segments, how many run
+    /// alone the original way.
+    pub fn fast_coverage(&self) -> (usize, usize, usize) {
         self.fast.coverage()
+    }
+
+    /// Per rule: how many requests its compiled form handed over to Rhai.
+    pub fn fast_bails(&self) -> Vec<u64> {
+        self.fast.bails()
     }
 
     /// What one rule's evaluation means for the verdict: nothing (unit), a
@@ -279,6 +327,11 @@ impl Pack {
             },
             Err(e) => Err(e.to_string()),
         };
+        self.record(rule, reason, verdict);
+    }
+
+    /// Counts a rule's hit (or error) and files its reason.
+    fn record(&self, rule: &Rule, reason: Result<(Reason, bool), String>, verdict: &mut Verdict) {
         rule.hits.fetch_add(1, Ordering::Relaxed);
         match reason {
             Ok((reason, true)) => verdict.shadow_reasons.push(reason),
@@ -703,7 +756,7 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
             })
             .collect::<Vec<_>>(),
         &names,
-        manifest.limits.max_operations,
+        &manifest.limits,
         || {
             let mut engine = script::engine(&manifest.limits);
             script::register_names(&mut engine, &names);

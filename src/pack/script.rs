@@ -48,7 +48,7 @@ pub struct Names {
 
 /// Everything the rules of one request may read. Built once per request and
 /// shared by every rule through the variables above.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Ctx {
     pub recharge: Recharge,
     pub location: Option<Arc<Location>>,
@@ -81,7 +81,8 @@ pub struct Hit {
     pub notice: bool,
 }
 
-fn hit(action: Action, code: ImmutableString, message: ImmutableString) -> Hit {
+/// A hit as `block`, `challenge` and `flag` make it.
+pub fn hit(action: Action, code: ImmutableString, message: ImmutableString) -> Hit {
     Hit {
         action,
         code,
@@ -131,9 +132,7 @@ fn register_api(engine: &mut Engine) {
             score: Some(score),
             ..h
         })
-        .register_fn("yuan", |fen: i64| {
-            format!("{}.{:02}", fen / 100, (fen % 100).abs())
-        });
+        .register_fn("yuan", yuan);
 
     engine
         .register_type_with_name::<RequestVar>("Request")
@@ -256,6 +255,11 @@ fn register_api(engine: &mut Engine) {
         );
 }
 
+/// `yuan(fen)`: an amount in fen as yuan, "12.34".
+pub fn yuan(fen: i64) -> String {
+    format!("{}.{:02}", fen / 100, (fen % 100).abs())
+}
+
 /// `account.age_days`: -1.0 when the platform did not say.
 pub fn age_days(ctx: &Ctx) -> f64 {
     let a = &ctx.recharge.account;
@@ -268,11 +272,12 @@ pub fn age_days(ctx: &Ctx) -> f64 {
 
 /// `geo.country`, `geo.region`, `geo.city`: "" when the IP has no location.
 pub fn location_text(ctx: &Ctx, field: impl Fn(&Location) -> &String) -> String {
-    ctx.location
-        .as_deref()
-        .map(field)
-        .cloned()
-        .unwrap_or_default()
+    location_str(ctx, field).to_string()
+}
+
+/// [`location_text`], borrowed.
+pub fn location_str(ctx: &Ctx, field: impl Fn(&Location) -> &String) -> &str {
+    ctx.location.as_deref().map_or("", |l| field(l).as_str())
 }
 
 /// `geo.latitude`: 0.0 when the IP has no location.

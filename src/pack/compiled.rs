@@ -1,0 +1,821 @@
+//! Rules compiled from their Rhai AST to a small tree of typed Rust nodes,
+//! for the common subset rules are written in: `let`, `if`/`else`, `switch`
+//! on literals, `return`, comparisons, arithmetic, `&&`, `||`, `!`, template
+//! strings, the hit functions (`block`, `challenge`, `flag`, `notice`,
+//! `.ask`, `.score`), `yuan` and `to_int`, over the features of
+//! [`super::fast`] and the rule's own variables.
+//!
+//! Why: even with features resolved, Rhai's tree walker spends a few
+//! hundred instructions on every node (a comparison is a function call with
+//! its arguments collected into `Dynamic`s). These nodes cost a few.
+//!
+//! Exactness: a compiled rule never decides anything Rhai would not. Every
+//! operation here is Rhai's own for the types it handles (the checked
+//! integer arithmetic, the epsilon float comparisons, the template string
+//! formatting), and anything else, at run time as at compile time, is a
+//! *bail*: the rule is then evaluated by Rhai, on its original AST, exactly
+//! as before (so an overflow, a type mismatch, a string over the size limit
+//! all end as the RULE_ERROR Rhai reports). What cannot be compiled
+//! (loops, functions, maps, arrays, assignments, other calls...) is left
+//! to Rhai whole. Compiled rules have no loops, so they stay within the
+//! operations limit by construction (their node count is checked against
+//! it).
+
+use rhai::{Dynamic, Engine, Expr, FnCallExpr, ImmutableString, Scope, Stmt, AST};
+
+use super::fast::{Feature, Statuses};
+use super::script::{self, Ctx, Hit};
+use crate::decision::Action;
+
+/// A value of a compiled rule.
+#[derive(Debug, Clone)]
+pub enum Value {
+    Unit,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(ImmutableString),
+    Hit(Box<Hit>),
+}
+
+impl Value {
+    /// The same value as Rhai holds it.
+    pub fn into_dynamic(self) -> Dynamic {
+        match self {
+            Value::Unit => Dynamic::UNIT,
+            Value::Bool(b) => Dynamic::from(b),
+            Value::Int(n) => Dynamic::from(n),
+            Value::Float(x) => Dynamic::from(x),
+            Value::Str(s) => Dynamic::from(s),
+            Value::Hit(h) => Dynamic::from(*h),
+        }
+    }
+
+    /// A parameter's value, when it is of a type handled here.
+    pub fn from_param(d: &Dynamic) -> Option<Value> {
+        Value::from_dynamic(d)
+    }
+
+    /// A constant of the AST, when it is of a type handled here.
+    fn from_dynamic(d: &Dynamic) -> Option<Value> {
+        if d.is_unit() {
+            Some(Value::Unit)
+        } else if let Ok(b) = d.as_bool() {
+            Some(Value::Bool(b))
+        } else if let Ok(n) = d.as_int() {
+            Some(Value::Int(n))
+        } else if let Ok(x) = d.as_float() {
+            Some(Value::Float(x))
+        } else {
+            d.clone().into_immutable_string().ok().map(Value::Str)
+        }
+    }
+}
+
+/// Why a compiled rule stopped early.
+enum Stop {
+    /// Something Rhai must decide: the rule runs there instead.
+    Bail,
+    /// `return value`.
+    Return(Value),
+}
+
+type Eval = Result<Value, Stop>;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BinOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+}
+
+impl BinOp {
+    fn compares(self) -> bool {
+        matches!(
+            self,
+            BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fun {
+    /// `block`, `challenge`, `flag` (Allow) and `notice` (Allow, notice).
+    Hit(Action, bool),
+    Ask,
+    Score,
+    Yuan,
+    ToInt,
+}
+
+#[derive(Debug)]
+enum E {
+    Const(Value),
+    Local(usize),
+    Feature(usize),
+    Interp(Vec<E>),
+    Not(Box<E>),
+    Neg(Box<E>),
+    Bin(BinOp, Box<E>, Box<E>),
+    And(Vec<E>),
+    Or(Vec<E>),
+    Call(Fun, Vec<E>),
+    Block(Vec<S>),
+}
+
+#[derive(Debug)]
+enum S {
+    Let(usize, E),
+    Expr(E),
+    If(E, Vec<S>, Vec<S>),
+    Switch(Box<Switch>),
+    Return(E),
+    Block(Vec<S>),
+}
+
+#[derive(Debug)]
+struct Switch {
+    value: E,
+    /// Literal, optional condition, body: in Rhai's order for that literal.
+    cases: Vec<(Value, Option<E>, E)>,
+    default: Option<E>,
+}
+
+/// A compiled rule.
+#[derive(Debug)]
+pub struct Program {
+    body: Vec<S>,
+    /// Local variable slots.
+    pub slots: usize,
+}
+
+/// What compiling needs to know of the pack.
+pub struct Compiler<'a> {
+    pub engine: &'a Engine,
+    /// Prefix of the feature variables (see [`super::fast`]).
+    pub prefix: &'a str,
+    pub max_operations: u64,
+    pub max_variables: usize,
+}
+
+struct State<'a> {
+    c: &'a Compiler<'a>,
+    /// The script's variables in scope, innermost last: (name, slot).
+    scope: Vec<(ImmutableString, usize)>,
+    slots: usize,
+    nodes: u64,
+    /// String literals of the rule's source, for recovering `switch` cases.
+    literals: &'a [String],
+}
+
+impl Compiler<'_> {
+    /// Compiles a rule (its AST as rewritten for the fast path, and that
+    /// rewritten source), or `None` when it uses anything not handled here.
+    pub fn compile(&self, ast: &AST, source: &str) -> Option<Program> {
+        if ast.has_functions() {
+            return None;
+        }
+        let literals = string_literals(source);
+        let mut st = State {
+            c: self,
+            scope: Vec::new(),
+            slots: 0,
+            nodes: 0,
+            literals: &literals,
+        };
+        let body = st.block(ast.statements())?;
+        // Each node is at most a handful of Rhai operations: far from the
+        // limit, or not compiled.
+        let limited = self.max_operations > 0 && st.nodes * 8 >= self.max_operations;
+        if limited || st.slots + 8 >= self.max_variables {
+            return None;
+        }
+        Some(Program {
+            body,
+            slots: st.slots,
+        })
+    }
+}
+
+impl State<'_> {
+    fn block(&mut self, stmts: &[Stmt]) -> Option<Vec<S>> {
+        let depth = self.scope.len();
+        let out = stmts.iter().map(|s| self.stmt(s)).collect();
+        self.scope.truncate(depth);
+        out
+    }
+
+    fn stmt(&mut self, stmt: &Stmt) -> Option<S> {
+        self.nodes += 1;
+        Some(match stmt {
+            Stmt::Noop(..) => S::Expr(E::Const(Value::Unit)),
+            Stmt::Expr(e) => S::Expr(self.expr(e)?),
+            Stmt::FnCall(f, _) => S::Expr(self.call(f, None)?),
+            Stmt::Var(x, ..) => {
+                let value = self.expr(&x.1)?;
+                let slot = self.slots;
+                self.slots += 1;
+                self.scope.push((x.0.name.clone(), slot));
+                S::Let(slot, value)
+            }
+            Stmt::If(x, _) => S::If(
+                self.expr(&x.expr)?,
+                self.block(x.body.statements())?,
+                self.block(x.branch.statements())?,
+            ),
+            Stmt::Block(b) => S::Block(self.block(b.statements())?),
+            Stmt::Return(value, flags, _) => {
+                // `throw` is an error: Rhai's to report.
+                if flags.contains(rhai::ASTFlags::BREAK) {
+                    return None;
+                }
+                S::Return(match value {
+                    Some(e) => self.expr(e)?,
+                    None => E::Const(Value::Unit),
+                })
+            }
+            Stmt::Switch(x, _) => S::Switch(Box::new(self.switch(&x.0, &x.1)?)),
+            _ => return None,
+        })
+    }
+
+    fn switch(&mut self, value: &Expr, cases: &rhai::SwitchCasesCollection) -> Option<Switch> {
+        if !cases.ranges.is_empty() {
+            return None;
+        }
+        let value = self.expr(value)?;
+        // Rhai keeps the cases by the hash of their literal only: find the
+        // literal among the rule's own, by the hash Rhai gives it.
+        let mut out = Vec::new();
+        for (hash, list) in cases.cases.iter() {
+            let literal = self
+                .literals
+                .iter()
+                .find(|l| switch_hash(self.c.engine, l) == Some(*hash))?;
+            for &i in list.blocks.iter() {
+                let case = &cases.expressions[i];
+                let cond = match &case.lhs {
+                    Expr::BoolConstant(true, _) => None,
+                    c => Some(self.expr(c)?),
+                };
+                out.push((
+                    i,
+                    Value::Str(literal.as_str().into()),
+                    cond,
+                    self.expr(&case.rhs)?,
+                ));
+            }
+        }
+        // Rhai tries a literal's cases in their order in the source.
+        out.sort_by_key(|(i, ..)| *i);
+        let default = match cases.def_case {
+            Some(i) => Some(self.expr(&cases.expressions[i].rhs)?),
+            None => None,
+        };
+        Some(Switch {
+            value,
+            cases: out.into_iter().map(|(_, v, c, e)| (v, c, e)).collect(),
+            default,
+        })
+    }
+
+    fn expr(&mut self, expr: &Expr) -> Option<E> {
+        self.nodes += 1;
+        Some(match expr {
+            Expr::Unit(_) => E::Const(Value::Unit),
+            Expr::BoolConstant(b, _) => E::Const(Value::Bool(*b)),
+            Expr::IntegerConstant(n, _) => E::Const(Value::Int(*n)),
+            Expr::FloatConstant(x, _) => E::Const(Value::Float(**x)),
+            Expr::StringConstant(s, _) => E::Const(Value::Str(s.clone())),
+            Expr::DynamicConstant(d, _) => E::Const(Value::from_dynamic(d)?),
+            Expr::InterpolatedString(parts, _) => {
+                E::Interp(parts.iter().map(|p| self.expr(p)).collect::<Option<_>>()?)
+            }
+            Expr::Variable(v, ..) => {
+                if !v.2.is_empty() {
+                    return None;
+                }
+                let name = v.1.as_str();
+                match self.scope.iter().rev().find(|(n, _)| n == name) {
+                    Some((_, slot)) => E::Local(*slot),
+                    None => E::Feature(name.strip_prefix(self.c.prefix)?.parse::<usize>().ok()?),
+                }
+            }
+            Expr::And(x, _) => E::And(x.iter().map(|e| self.expr(e)).collect::<Option<_>>()?),
+            Expr::Or(x, _) => E::Or(x.iter().map(|e| self.expr(e)).collect::<Option<_>>()?),
+            Expr::Stmt(b) => E::Block(self.block(b.statements())?),
+            Expr::FnCall(f, _) => self.call(f, None)?,
+            Expr::Dot(x, ..) => {
+                // receiver.method(..).method(..)
+                let mut receiver = self.expr(&x.lhs)?;
+                let mut rhs = &x.rhs;
+                loop {
+                    match rhs {
+                        Expr::MethodCall(f, _) => break self.call(f, Some(receiver))?,
+                        Expr::Dot(y, ..) => {
+                            let Expr::MethodCall(f, _) = &y.lhs else {
+                                return None;
+                            };
+                            receiver = self.call(f, Some(receiver))?;
+                            rhs = &y.rhs;
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            _ => return None,
+        })
+    }
+
+    /// A function call, or a method call on `receiver`.
+    fn call(&mut self, f: &FnCallExpr, receiver: Option<E>) -> Option<E> {
+        if !f.namespace.is_empty() || f.capture_parent_scope {
+            return None;
+        }
+        let mut args: Vec<E> = receiver.into_iter().collect();
+        for a in f.args.iter() {
+            args.push(self.expr(a)?);
+        }
+        let name = f.name.as_str();
+        let arity = args.len();
+        Some(match (name, arity) {
+            ("==", 2) => bin(BinOp::Eq, args)?,
+            ("!=", 2) => bin(BinOp::Ne, args)?,
+            ("<", 2) => bin(BinOp::Lt, args)?,
+            ("<=", 2) => bin(BinOp::Le, args)?,
+            (">", 2) => bin(BinOp::Gt, args)?,
+            (">=", 2) => bin(BinOp::Ge, args)?,
+            ("+", 2) => bin(BinOp::Add, args)?,
+            ("-", 2) => bin(BinOp::Sub, args)?,
+            ("*", 2) => bin(BinOp::Mul, args)?,
+            ("/", 2) => bin(BinOp::Div, args)?,
+            ("%", 2) => bin(BinOp::Rem, args)?,
+            ("!", 1) => E::Not(Box::new(one(args)?)),
+            ("-", 1) => E::Neg(Box::new(one(args)?)),
+            ("block", 2) => E::Call(Fun::Hit(Action::Block, false), args),
+            ("challenge", 2) => E::Call(Fun::Hit(Action::Challenge, false), args),
+            ("flag", 2) => E::Call(Fun::Hit(Action::Allow, false), args),
+            ("notice", 2) => E::Call(Fun::Hit(Action::Allow, true), args),
+            ("ask", 2) => E::Call(Fun::Ask, args),
+            ("score", 2) => E::Call(Fun::Score, args),
+            ("yuan", 1) => E::Call(Fun::Yuan, args),
+            ("to_int", 1) => E::Call(Fun::ToInt, args),
+            _ => return None,
+        })
+    }
+}
+
+fn bin(op: BinOp, args: Vec<E>) -> Option<E> {
+    let mut args = args.into_iter();
+    let (a, b) = (args.next()?, args.next()?);
+    Some(E::Bin(op, Box::new(a), Box::new(b)))
+}
+
+fn one(args: Vec<E>) -> Option<E> {
+    args.into_iter().next()
+}
+
+/// The hash Rhai files a `switch` case under, for a string literal.
+fn switch_hash(engine: &Engine, literal: &str) -> Option<u64> {
+    let mut scope = Scope::new();
+    scope.push("x", ());
+    let probe = format!("switch x {{ {} => () }}", quoted(literal));
+    let ast = engine.compile_with_scope(&scope, &probe).ok()?;
+    match ast.statements().first()? {
+        Stmt::Switch(x, _) if x.1.cases.len() == 1 => x.1.cases.keys().next().copied(),
+        _ => None,
+    }
+}
+
+/// A Rhai string literal for `s`.
+fn quoted(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The contents of every plain "..." literal of a script (escapes
+/// resolved), the candidates for `switch` cases.
+fn string_literals(source: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = source.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '/' if chars.peek() == Some(&'/') => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '"' => {
+                let mut s = String::new();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => match chars.next() {
+                            Some('n') => s.push('\n'),
+                            Some('r') => s.push('\r'),
+                            Some('t') => s.push('\t'),
+                            Some(c) => s.push(c),
+                            None => {}
+                        },
+                        c => s.push(c),
+                    }
+                }
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// What a compiled rule needs while it runs.
+pub struct Frame<'a> {
+    pub ctx: &'a Ctx,
+    /// The pack's features, and their values for this request, each
+    /// computed on its first read.
+    pub defs: &'a [Feature],
+    pub statuses: &'a Statuses,
+    pub features: &'a mut Vec<Option<Value>>,
+    /// Local variable slots: at least the largest program's.
+    pub locals: &'a mut Vec<Value>,
+    /// The pack's `max_string_size` (0: none).
+    pub max_string: usize,
+}
+
+impl Frame<'_> {
+    /// Makes sure a simple operand's value is at hand.
+    fn ready(&mut self, e: &E) -> Result<(), Stop> {
+        if let E::Feature(i) = e {
+            let slot = self.features.get_mut(*i).ok_or(Stop::Bail)?;
+            if slot.is_none() {
+                let def = self.defs.get(*i).ok_or(Stop::Bail)?;
+                *slot = Some(def.value(self.ctx, self.statuses));
+            }
+        }
+        Ok(())
+    }
+
+    /// A simple operand's value (after [`Frame::ready`]).
+    fn peek<'v>(&'v self, e: &'v E) -> &'v Value {
+        match e {
+            E::Const(v) => v,
+            E::Local(slot) => &self.locals[*slot],
+            E::Feature(i) => self.features[*i].as_ref().unwrap_or(&Value::Unit),
+            _ => &Value::Unit,
+        }
+    }
+}
+
+/// A constant, a local or a feature: read in place, not evaluated.
+fn simple(e: &E) -> bool {
+    matches!(e, E::Const(_) | E::Local(_) | E::Feature(_))
+}
+
+impl Program {
+    /// The rule's value, or `None`: Rhai must evaluate this rule.
+    pub fn run(&self, frame: &mut Frame) -> Option<Value> {
+        if frame.locals.len() < self.slots {
+            frame.locals.resize(self.slots, Value::Unit);
+        }
+        match block(&self.body, frame) {
+            Ok(v) | Err(Stop::Return(v)) => Some(v),
+            Err(Stop::Bail) => None,
+        }
+    }
+}
+
+fn block(stmts: &[S], f: &mut Frame) -> Eval {
+    let Some((last, init)) = stmts.split_last() else {
+        return Ok(Value::Unit);
+    };
+    for s in init {
+        effect(s, f)?;
+    }
+    stmt(last, f)
+}
+
+/// A statement whose value is not used.
+fn effect(s: &S, f: &mut Frame) -> Result<(), Stop> {
+    match s {
+        S::If(cond, then, otherwise) => {
+            if truth(cond, f)? {
+                block(then, f)?;
+            } else {
+                block(otherwise, f)?;
+            }
+            Ok(())
+        }
+        S::Let(slot, e) => {
+            let v = eval(e, f)?;
+            f.locals[*slot] = v;
+            Ok(())
+        }
+        s => stmt(s, f).map(|_| ()),
+    }
+}
+
+fn stmt(s: &S, f: &mut Frame) -> Eval {
+    match s {
+        S::Expr(e) => eval(e, f),
+        S::Let(slot, e) => {
+            let v = eval(e, f)?;
+            f.locals[*slot] = v;
+            Ok(Value::Unit)
+        }
+        S::If(cond, then, otherwise) => {
+            if truth(cond, f)? {
+                block(then, f)
+            } else {
+                block(otherwise, f)
+            }
+        }
+        S::Block(b) => block(b, f),
+        S::Return(e) => Err(Stop::Return(eval(e, f)?)),
+        S::Switch(sw) => {
+            let value = if simple(&sw.value) {
+                f.ready(&sw.value)?;
+                match f.peek(&sw.value) {
+                    Value::Str(s) => s.clone(),
+                    _ => return Err(Stop::Bail),
+                }
+            } else {
+                match eval(&sw.value, f)? {
+                    Value::Str(s) => s,
+                    _ => return Err(Stop::Bail),
+                }
+            };
+            for (literal, cond, body) in &sw.cases {
+                let Value::Str(l) = literal else {
+                    return Err(Stop::Bail);
+                };
+                if *l != value {
+                    continue;
+                }
+                let taken = match cond {
+                    None => true,
+                    Some(c) => truth(c, f)?,
+                };
+                if taken {
+                    return eval(body, f);
+                }
+            }
+            match &sw.default {
+                Some(d) => eval(d, f),
+                None => Ok(Value::Unit),
+            }
+        }
+    }
+}
+
+/// An expression that must be a boolean (an `if`, `&&`, `||`, `!`
+/// operand): Rhai's type mismatch otherwise.
+fn truth(e: &E, f: &mut Frame) -> Result<bool, Stop> {
+    match e {
+        E::Bin(op, a, b) if op.compares() => match binary_in_place(*op, a, b, f)? {
+            Value::Bool(b) => Ok(b),
+            _ => Err(Stop::Bail),
+        },
+        E::And(xs) => {
+            for x in xs {
+                if !truth(x, f)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+        E::Or(xs) => {
+            for x in xs {
+                if truth(x, f)? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        E::Not(x) => Ok(!truth(x, f)?),
+        e if simple(e) => {
+            f.ready(e)?;
+            match f.peek(e) {
+                Value::Bool(b) => Ok(*b),
+                _ => Err(Stop::Bail),
+            }
+        }
+        e => match eval(e, f)? {
+            Value::Bool(b) => Ok(b),
+            _ => Err(Stop::Bail),
+        },
+    }
+}
+
+/// A binary operator on operands read in place where they are simple.
+fn binary_in_place(op: BinOp, a: &E, b: &E, f: &mut Frame) -> Eval {
+    let a_owned = if simple(a) {
+        f.ready(a)?;
+        None
+    } else {
+        Some(eval(a, f)?)
+    };
+    let b_owned = if simple(b) {
+        f.ready(b)?;
+        None
+    } else {
+        Some(eval(b, f)?)
+    };
+    let x = a_owned.as_ref().unwrap_or_else(|| f.peek(a));
+    let y = b_owned.as_ref().unwrap_or_else(|| f.peek(b));
+    binary(op, x, y, f.max_string).ok_or(Stop::Bail)
+}
+
+fn eval(e: &E, f: &mut Frame) -> Eval {
+    Ok(match e {
+        E::Const(v) => v.clone(),
+        E::Local(slot) => f.locals[*slot].clone(),
+        E::Feature(_) => {
+            f.ready(e)?;
+            f.peek(e).clone()
+        }
+        E::Interp(parts) => {
+            let mut s = String::new();
+            for p in parts {
+                match eval(p, f)? {
+                    Value::Str(x) => s.push_str(&x),
+                    Value::Int(n) => s.push_str(&n.to_string()),
+                    Value::Bool(b) => s.push_str(if b { "true" } else { "false" }),
+                    Value::Unit => {}
+                    Value::Float(x) => s.push_str(&rhai::FloatWrapper::new(x).to_string()),
+                    Value::Hit(_) => return Err(Stop::Bail),
+                }
+                if f.max_string > 0 && s.len() > f.max_string {
+                    return Err(Stop::Bail);
+                }
+            }
+            Value::Str(s.into())
+        }
+        E::Not(_) | E::And(_) | E::Or(_) => Value::Bool(truth(e, f)?),
+        E::Neg(x) => match eval(x, f)? {
+            Value::Int(n) => Value::Int(n.checked_neg().ok_or(Stop::Bail)?),
+            Value::Float(x) => Value::Float(-x),
+            _ => return Err(Stop::Bail),
+        },
+        E::Bin(op, a, b) => binary_in_place(*op, a, b, f)?,
+        E::Call(fun, args) => {
+            let mut vals = Vec::with_capacity(args.len());
+            for a in args {
+                vals.push(eval(a, f)?);
+            }
+            call(*fun, vals).ok_or(Stop::Bail)?
+        }
+        E::Block(b) => block(b, f)?,
+    })
+}
+
+/// Rhai's built-in operators, for the types they are built in for.
+fn binary(op: BinOp, a: &Value, b: &Value, max_string: usize) -> Option<Value> {
+    use BinOp::*;
+    use Value::*;
+    Some(match (a, b) {
+        (&Int(x), &Int(y)) => match op {
+            Eq => Bool(x == y),
+            Ne => Bool(x != y),
+            Lt => Bool(x < y),
+            Le => Bool(x <= y),
+            Gt => Bool(x > y),
+            Ge => Bool(x >= y),
+            Add => Int(x.checked_add(y)?),
+            Sub => Int(x.checked_sub(y)?),
+            Mul => Int(x.checked_mul(y)?),
+            Div if y == 0 => return None,
+            Div => Int(x.checked_div(y)?),
+            Rem => Int(x.checked_rem(y)?),
+        },
+        (&Float(x), &Float(y)) => float(op, x, y),
+        (&Float(x), &Int(y)) => float(op, x, y as f64),
+        (&Int(x), &Float(y)) => float(op, x as f64, y),
+        (Str(x), Str(y)) => match op {
+            Eq => Bool(x == y),
+            Ne => Bool(x != y),
+            Lt => Bool(x < y),
+            Le => Bool(x <= y),
+            Gt => Bool(x > y),
+            Ge => Bool(x >= y),
+            Add => {
+                if max_string > 0 && x.len() + y.len() > max_string {
+                    return None;
+                }
+                Str(x.clone() + y)
+            }
+            _ => return None,
+        },
+        (&Bool(x), &Bool(y)) => match op {
+            Eq => Bool(x == y),
+            Ne => Bool(x != y),
+            Lt => Bool(!x & y),
+            Le => Bool(x <= y),
+            Gt => Bool(x & !y),
+            Ge => Bool(x >= y),
+            _ => return None,
+        },
+        (Unit, Unit) => match op {
+            Eq => Bool(true),
+            Ne | Lt | Le | Gt | Ge => Bool(false),
+            _ => return None,
+        },
+        _ => return None,
+    })
+}
+
+/// Rhai's float operators (checked build): comparisons within a relative
+/// epsilon, arithmetic as is.
+fn float(op: BinOp, x: f64, y: f64) -> Value {
+    use BinOp::*;
+    let max = || {
+        if x * y == 0.0 {
+            1.0
+        } else {
+            x.abs().max(y.abs())
+        }
+    };
+    let cmp = |zero: bool, test: &dyn Fn(f64) -> bool| {
+        let max = max();
+        Value::Bool(if max == 0.0 { zero } else { test(max) })
+    };
+    let eps = f64::EPSILON;
+    match op {
+        Add => Value::Float(x + y),
+        Sub => Value::Float(x - y),
+        Mul => Value::Float(x * y),
+        Div => Value::Float(x / y),
+        Rem => Value::Float(x % y),
+        Eq => cmp(true, &|m| (x - y).abs() / m <= eps),
+        Ne => cmp(false, &|m| (x - y).abs() / m > eps),
+        Gt => cmp(false, &|m| (x - y) / m > eps),
+        Ge => cmp(true, &|m| (x - y) / m > -eps),
+        Lt => cmp(false, &|m| (y - x) / m > eps),
+        Le => cmp(true, &|m| (y - x) / m > -eps),
+    }
+}
+
+fn call(fun: Fun, args: Vec<Value>) -> Option<Value> {
+    let mut args = args.into_iter();
+    let mut next = || args.next();
+    Some(match fun {
+        Fun::Hit(action, notice) => {
+            let (Value::Str(code), Value::Str(message)) = (next()?, next()?) else {
+                return None;
+            };
+            let mut h = script::hit(action, code, message);
+            h.notice = notice;
+            Value::Hit(Box::new(h))
+        }
+        Fun::Ask => {
+            let (Value::Hit(mut h), Value::Str(kind)) = (next()?, next()?) else {
+                return None;
+            };
+            h.challenge = kind;
+            Value::Hit(h)
+        }
+        Fun::Score => {
+            let (Value::Hit(mut h), Value::Int(n)) = (next()?, next()?) else {
+                return None;
+            };
+            h.score = Some(n);
+            Value::Hit(h)
+        }
+        Fun::Yuan => match next()? {
+            Value::Int(fen) => Value::Str(script::yuan(fen).into()),
+            _ => return None,
+        },
+        Fun::ToInt => match next()? {
+            Value::Int(n) => Value::Int(n),
+            Value::Float(x) => {
+                if x > i64::MAX as f64 || x < i64::MIN as f64 {
+                    return None;
+                }
+                Value::Int(x.trunc() as i64)
+            }
+            _ => return None,
+        },
+    })
+}
