@@ -191,18 +191,26 @@ fn main() {
     c.final_summary();
 }
 
-/// `RISKGATE_BENCH_ITERS=N`: each `decision/` bench whose name ends with the
-/// first argument that is not a flag, exactly N decisions, timed once.
+/// `RISKGATE_BENCH_ITERS=N`: each `decision/` bench whose name ends with one
+/// of the arguments that are not flags (all when none), exactly N decisions
+/// (or runs) timed. `RISKGATE_BENCH_ROUNDS=K` (default 1) repeats them K
+/// times, alternating, each bench going on with its own epochs as under
+/// criterion, and prints each bench's median: on a noisy machine, benches
+/// compared in one alternating run are what can be compared.
 fn fixed(setup: &Setup, n: u64) {
-    let filter = std::env::args()
+    let filters: Vec<String> = std::env::args()
         .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .unwrap_or_default();
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let rounds: usize = std::env::var("RISKGATE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("a tokio runtime");
-    let wanted = |name: &str| name.ends_with(filter.as_str());
-    for (name, how) in [
+    let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.ends_with(f));
+    let pipelines = [
         ("decision/shipped_pack", How::Pipeline(Rules::Rhai)),
         ("decision/native_baseline", How::Pipeline(Rules::Native)),
         ("decision/engine_evaluate", How::Engine(&rt)),
@@ -210,37 +218,61 @@ fn fixed(setup: &Setup, n: u64) {
             "decision/shipped_pack_rule_by_rule",
             How::Pipeline(Rules::RhaiRuleByRule),
         ),
-    ] {
-        if wanted(name) {
-            let took = measure(setup, &mut None, n, how);
-            eprintln!("{name}: {n} decisions, {:?} each", took / n.max(1) as u32);
-        }
-    }
+    ];
+    // Verdicts are dropped inside the timing here (empty ones cost nothing).
+    type RulesOnly<'a> = Box<dyn Fn(Ctx) -> ((), Ctx) + 'a>;
+    let pack = &setup.pack;
+    let native = &setup.native;
+    let rules_only: [(&str, RulesOnly); 3] = [
+        (
+            "decision/rules_only_rhai",
+            Box::new(|ctx| {
+                let (v, c) = pack.run(ctx);
+                black_box(v);
+                ((), c)
+            }),
+        ),
+        (
+            "decision/rules_only_rhai_rule_by_rule",
+            Box::new(|ctx| {
+                let (v, c) = pack.run_rule_by_rule(ctx);
+                black_box(v);
+                ((), c)
+            }),
+        ),
+        (
+            "decision/rules_only_native",
+            Box::new(|ctx| {
+                black_box(native.run(&ctx));
+                ((), ctx)
+            }),
+        ),
+    ];
+    let mut states: Vec<Option<Epoch>> = pipelines.iter().map(|_| None).collect();
     let mut ctxs = slots(setup);
     let mut at = 0;
-    if wanted("decision/rules_only_rhai") {
-        let took = over_ctxs(&mut ctxs, &mut at, n, |ctx| setup.pack.run(ctx));
-        eprintln!(
-            "decision/rules_only_rhai: {n} runs, {:?} each",
-            took / n.max(1) as u32
-        );
+    let mut times: std::collections::BTreeMap<&str, Vec<Duration>> = Default::default();
+    for round in 1..=rounds {
+        for ((name, how), state) in pipelines.iter().zip(&mut states) {
+            if wanted(name) {
+                let took = measure(setup, state, n, *how) / n.max(1) as u32;
+                eprintln!("{name}: {n} decisions, {took:?} each (round {round})");
+                times.entry(name).or_default().push(took);
+            }
+        }
+        for (name, run) in &rules_only {
+            if wanted(name) {
+                let took = over_ctxs(&mut ctxs, &mut at, n, run) / n.max(1) as u32;
+                eprintln!("{name}: {n} runs, {took:?} each (round {round})");
+                times.entry(name).or_default().push(took);
+            }
+        }
     }
-    if wanted("decision/rules_only_rhai_rule_by_rule") {
-        let took = over_ctxs(&mut ctxs, &mut at, n, |ctx| {
-            setup.pack.run_rule_by_rule(ctx)
-        });
-        eprintln!(
-            "decision/rules_only_rhai_rule_by_rule: {n} runs, {:?} each",
-            took / n.max(1) as u32
-        );
-    }
-    if wanted("decision/rules_only_native") {
-        let native = &setup.native;
-        let took = over_ctxs(&mut ctxs, &mut at, n, |ctx| (native.run(&ctx), ctx));
-        eprintln!(
-            "decision/rules_only_native: {n} runs, {:?} each",
-            took / n.max(1) as u32
-        );
+    if rounds > 1 {
+        for (name, mut t) in times {
+            t.sort();
+            eprintln!("{name}: median {:?} of {} rounds", t[t.len() / 2], t.len());
+        }
     }
 }
 
@@ -355,7 +387,11 @@ fn pipelines(c: &mut Criterion, setup: &Setup) {
             How::Pipeline(Rules::RhaiRuleByRule),
         ),
     ] {
-        let mut state = None;
+        // The first epoch is made here, not in criterion's warm-up: its
+        // untimed warming takes about a second of wall clock, which
+        // criterion's warm-up counts, so it used to plan 100 iterations in
+        // all (one decision per sample) for some of these benches.
+        let mut state = Some(setup.epoch());
         g.bench_function(name, |b| {
             b.iter_custom(|iters| measure(setup, &mut state, iters, how));
         });

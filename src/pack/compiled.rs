@@ -72,12 +72,13 @@ impl Value {
     }
 }
 
-/// Why a compiled rule stopped early.
+/// Why a compiled rule stopped early (small, so results stay in
+/// registers).
 enum Stop {
     /// Something Rhai must decide: the rule runs there instead.
     Bail,
-    /// `return value`.
-    Return(Value),
+    /// `return value`: the value is in [`Frame::returned`].
+    Return,
 }
 
 type Eval = Result<Value, Stop>;
@@ -463,6 +464,8 @@ pub struct Frame<'a> {
     pub locals: &'a mut Vec<Value>,
     /// The pack's `max_string_size` (0: none).
     pub max_string: usize,
+    /// The value of a `return`, on its way out.
+    pub returned: Option<Value>,
 }
 
 impl Frame<'_> {
@@ -501,7 +504,8 @@ impl Program {
             frame.locals.resize(self.slots, Value::Unit);
         }
         match block(&self.body, frame) {
-            Ok(v) | Err(Stop::Return(v)) => Some(v),
+            Ok(v) => Some(v),
+            Err(Stop::Return) => frame.returned.take(),
             Err(Stop::Bail) => None,
         }
     }
@@ -553,7 +557,11 @@ fn stmt(s: &S, f: &mut Frame) -> Eval {
             }
         }
         S::Block(b) => block(b, f),
-        S::Return(e) => Err(Stop::Return(eval(e, f)?)),
+        S::Return(e) => {
+            let v = eval(e, f)?;
+            f.returned = Some(v);
+            Err(Stop::Return)
+        }
         S::Switch(sw) => {
             let value = if simple(&sw.value) {
                 f.ready(&sw.value)?;
@@ -594,10 +602,7 @@ fn stmt(s: &S, f: &mut Frame) -> Eval {
 /// operand): Rhai's type mismatch otherwise.
 fn truth(e: &E, f: &mut Frame) -> Result<bool, Stop> {
     match e {
-        E::Bin(op, a, b) if op.compares() => match binary_in_place(*op, a, b, f)? {
-            Value::Bool(b) => Ok(b),
-            _ => Err(Stop::Bail),
-        },
+        E::Bin(op, a, b) if op.compares() => compare_in_place(*op, a, b, f),
         E::And(xs) => {
             for x in xs {
                 if !truth(x, f)? {
@@ -629,6 +634,19 @@ fn truth(e: &E, f: &mut Frame) -> Result<bool, Stop> {
     }
 }
 
+/// A comparison of operands read in place where they are simple.
+fn compare_in_place(op: BinOp, a: &E, b: &E, f: &mut Frame) -> Result<bool, Stop> {
+    if simple(a) && simple(b) {
+        f.ready(a)?;
+        f.ready(b)?;
+        return compare(op, f.peek(a), f.peek(b)).ok_or(Stop::Bail);
+    }
+    match binary_in_place(op, a, b, f)? {
+        Value::Bool(b) => Ok(b),
+        _ => Err(Stop::Bail),
+    }
+}
+
 /// A binary operator on operands read in place where they are simple.
 fn binary_in_place(op: BinOp, a: &E, b: &E, f: &mut Frame) -> Eval {
     let a_owned = if simple(a) {
@@ -657,7 +675,7 @@ fn eval(e: &E, f: &mut Frame) -> Eval {
             f.peek(e).clone()
         }
         E::Interp(parts) => {
-            let mut s = String::new();
+            let mut s = String::with_capacity(96);
             for p in parts {
                 match eval(p, f)? {
                     Value::Str(x) => s.push_str(&x),
@@ -691,8 +709,55 @@ fn eval(e: &E, f: &mut Frame) -> Eval {
     })
 }
 
+/// Rhai's built-in comparisons, for the types they are built in for.
+fn compare(op: BinOp, a: &Value, b: &Value) -> Option<bool> {
+    use BinOp::*;
+    use Value::*;
+    Some(match (a, b) {
+        (&Int(x), &Int(y)) => match op {
+            Eq => x == y,
+            Ne => x != y,
+            Lt => x < y,
+            Le => x <= y,
+            Gt => x > y,
+            Ge => x >= y,
+            _ => return None,
+        },
+        (&Float(x), &Float(y)) => float_compare(op, x, y)?,
+        (&Float(x), &Int(y)) => float_compare(op, x, y as f64)?,
+        (&Int(x), &Float(y)) => float_compare(op, x as f64, y)?,
+        (Str(x), Str(y)) => match op {
+            Eq => x == y,
+            Ne => x != y,
+            Lt => x < y,
+            Le => x <= y,
+            Gt => x > y,
+            Ge => x >= y,
+            _ => return None,
+        },
+        (&Bool(x), &Bool(y)) => match op {
+            Eq => x == y,
+            Ne => x != y,
+            Lt => !x & y,
+            Le => x <= y,
+            Gt => x & !y,
+            Ge => x >= y,
+            _ => return None,
+        },
+        (Unit, Unit) => match op {
+            Eq => true,
+            Ne | Lt | Le | Gt | Ge => false,
+            _ => return None,
+        },
+        _ => return None,
+    })
+}
+
 /// Rhai's built-in operators, for the types they are built in for.
 fn binary(op: BinOp, a: &Value, b: &Value, max_string: usize) -> Option<Value> {
+    if op.compares() {
+        return compare(op, a, b).map(Value::Bool);
+    }
     use BinOp::*;
     use Value::*;
     Some(match (a, b) {
@@ -744,6 +809,14 @@ fn binary(op: BinOp, a: &Value, b: &Value, max_string: usize) -> Option<Value> {
         },
         _ => return None,
     })
+}
+
+/// Rhai's float comparisons (checked build): within a relative epsilon.
+fn float_compare(op: BinOp, x: f64, y: f64) -> Option<bool> {
+    match float(op, x, y) {
+        Value::Bool(b) => Some(b),
+        _ => None,
+    }
 }
 
 /// Rhai's float operators (checked build): comparisons within a relative

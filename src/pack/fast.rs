@@ -211,8 +211,13 @@ impl Statuses {
 }
 
 thread_local! {
-    /// The features of the request this thread is deciding, in pack order.
+    /// The features of the request this thread is deciding, in pack order,
+    /// as the Rhai segments read them.
     static FEATURES: RefCell<Vec<Dynamic>> = const { RefCell::new(Vec::new()) };
+    /// Feature values and local slots for compiled rules, kept between
+    /// requests.
+    static SCRATCH: RefCell<(Vec<Option<Value>>, Vec<Value>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// What one rule is on the fast path.
@@ -451,9 +456,13 @@ impl FastPlan {
         } else {
             &self.all
         };
-        let mut features: Vec<Option<Value>> = vec![None; self.features.len()];
+        // This thread's buffers from its last request (taken, not borrowed:
+        // a nested run would just start its own).
+        let (mut features, mut locals) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        features.clear();
+        features.resize(self.features.len(), None);
+        locals.resize(self.slots, Value::Unit);
         let mut dynamic_features = false;
-        let mut locals = Vec::with_capacity(self.slots);
         for step in steps {
             match step {
                 Step::Alone(i) => out(Ran::Slow(*i)),
@@ -466,6 +475,7 @@ impl FastPlan {
                         features: &mut features,
                         locals: &mut locals,
                         max_string: self.max_string,
+                        returned: None,
                     };
                     match program.run(&mut frame) {
                         Some(value) => out(Ran::Compiled(*i, value)),
@@ -521,6 +531,10 @@ impl FastPlan {
                 }
             }
         }
+        // Values hold strings of this request: drop them now, keep the room.
+        features.clear();
+        locals.clear();
+        SCRATCH.with(|s| *s.borrow_mut() = (features, locals));
     }
 }
 

@@ -1,8 +1,12 @@
 //! Block and allow lists: IP ranges (CIDR), user ids and device ids, one entry
 //! per line in plain files inside the pack.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
+
+/// foldhash: lists are only read on the hot path (their entries come from
+/// the pack, never from requests), so no flooding concern, and SipHash
+/// cost more than the rest of a lookup.
+type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 
 use ipnetwork::IpNetwork;
 
@@ -39,7 +43,7 @@ impl List {
     pub fn parse(kind: ListKind, text: &str, file: &str) -> Result<List, Vec<Problem>> {
         let mut list = List {
             kind,
-            names: HashSet::new(),
+            names: HashSet::default(),
             ranges: PrefixSet::default(),
         };
         let mut problems = Vec::new();
@@ -85,7 +89,7 @@ impl List {
     }
 
     pub fn contains_name(&self, name: &str) -> bool {
-        !name.is_empty() && self.names.contains(name)
+        !name.is_empty() && !self.names.is_empty() && self.names.contains(name)
     }
 
     pub fn len(&self) -> usize {
@@ -118,7 +122,7 @@ impl PrefixSet {
         let (addr, len) = widen(net.network(), net.prefix());
         let masked = mask(addr, len);
         if !self.by_len.iter().any(|(l, _)| *l == len) {
-            self.by_len.push((len, HashSet::new()));
+            self.by_len.push((len, HashSet::default()));
             self.by_len.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
         }
         if let Some((_, set)) = self.by_len.iter_mut().find(|(l, _)| *l == len) {
