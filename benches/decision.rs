@@ -33,12 +33,15 @@
 //!   `param.X`, `list.X`: the indexer; `profile.X`, `request.X`: registered
 //!   getters), each `if <read> > 999 {}`; minus `empty_x1`, over ten, is the
 //!   cost of one read. `hit_static` / `hit_template`: a rule that always
-//!   fires, with a literal message or an interpolated one.
+//!   fires, with a literal message or an interpolated one. All of these go
+//!   through `Pack::run`, so they measure rules as the fast path runs them
+//!   (compiled to Rust when they can be: see `src/pack/compiled.rs`).
 //!
 //! Instruction counts: the machine these run on is shared and noisy, so
 //! `RISKGATE_BENCH_ITERS=N` skips criterion and runs each `decision/` bench
-//! matching the filter exactly N times (same setup, same epochs), printing
-//! the time per decision; under callgrind, restricted to the timed part, it
+//! matching the filters exactly N times (same setup, same epochs), printing
+//! the time per decision (`RISKGATE_BENCH_ROUNDS=K`: K alternating rounds and
+//! medians); under callgrind, restricted to the timed part, it
 //! gives instructions per decision, which noise does not move:
 //!
 //! ```sh
