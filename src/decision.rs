@@ -63,6 +63,21 @@ pub struct Decision {
     pub ruleset_version: Arc<str>,
 }
 
+impl Decision {
+    /// Whether this decision may teach the user's profile the request's
+    /// region: an allow, unless a location anomaly was only let through by
+    /// leniency (one small probe must not make a new region "usual" for
+    /// large amounts).
+    pub fn teaches_profile(&self, leniency: Option<&Leniency>) -> bool {
+        let anomaly = leniency.is_some_and(|l| {
+            self.shadow_reasons
+                .iter()
+                .any(|r| l.demote.contains(&r.code))
+        });
+        self.action == Action::Allow && !anomaly
+    }
+}
+
 /// The code of the reason added when a score threshold escalates.
 pub const SCORE_THRESHOLD: &str = "SCORE_THRESHOLD";
 

@@ -272,16 +272,7 @@ impl Engine {
             pack.leniency.as_ref(),
             pack.version.clone(),
         );
-        // An allow teaches the profile its region, unless a location
-        // anomaly was only let through by leniency: one small probe must not
-        // make a new region "usual" for large amounts.
-        let anomaly = pack.leniency.as_ref().is_some_and(|l| {
-            decision
-                .shadow_reasons
-                .iter()
-                .any(|r| l.demote.contains(&r.code))
-        });
-        let learn = decision.action == Action::Allow && !anomaly;
+        let learn = decision.teaches_profile(pack.leniency.as_ref());
         if let (Some(log), Some(mut seen)) = (&self.shared.log, seen) {
             seen.decision = decision.clone();
             seen.latency_us = started.elapsed().as_micros() as u64;

@@ -614,13 +614,7 @@ impl Pipeline {
             pack.leniency.as_ref(),
             pack.version.clone(),
         );
-        let anomaly = pack.leniency.as_ref().is_some_and(|l| {
-            decision
-                .shadow_reasons
-                .iter()
-                .any(|r| l.demote.contains(&r.code))
-        });
-        let learn = decision.action == Action::Allow && !anomaly;
+        let learn = decision.teaches_profile(pack.leniency.as_ref());
         self.store.settle(
             &pack.plan,
             &facts,
