@@ -66,6 +66,10 @@
 #[path = "native/mod.rs"]
 mod native;
 
+/// The allocator the server runs with (see `src/main.rs`).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -19,6 +19,10 @@ use riskgate::pb;
 use riskgate::state::memory::MemoryLimits;
 use riskgate::state::{MemoryStore, Store};
 
+/// The server's allocator (see `src/main.rs`): resident memory depends on it.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()

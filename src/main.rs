@@ -7,6 +7,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use riskgate::config::Config;
 
+/// mimalloc, not the system allocator: a decision makes a few dozen small,
+/// short-lived allocations, and glibc's malloc (its free-list consolidation
+/// above all) cost about a third of a decision in the benches. Measured in
+/// BENCHMARKS.md, memory per user included.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "riskgate",
