@@ -17,6 +17,7 @@ use crate::geo::{GeoDb, Location};
 use crate::model::{Login, Outcome, OutcomeKind, Recharge};
 use crate::pack::manifest::{Policy, StateFailure};
 use crate::pack::Pack;
+use crate::state::memory::IdemEntry;
 use crate::state::profile::Profile;
 use crate::state::redis::{Logged, Opened};
 use crate::state::{fnv1a, Begun, Conflict, MemoryStore, RedisStore, Settled, StateError, Store};
@@ -107,49 +108,63 @@ impl Engine {
         let pack = self.pack();
         let fingerprint = fingerprint(&recharge);
         match &self.shared.store {
-            Store::Memory(m) => self.evaluate_local(m, &pack, recharge, fingerprint).await,
-            Store::Redis(r) => self.evaluate_shared(r, &pack, recharge, fingerprint).await,
+            Store::Memory(m) => match self.evaluate_local(m, &pack, recharge, fingerprint)? {
+                Local::Done(evaluated) => Ok(evaluated),
+                // Rare, and boxed so its timer does not weigh on every call.
+                Local::Deciding(entry, request_id) => Box::pin(wait_for(entry, request_id)).await,
+            },
+            // Boxed: the shared path holds Redis futures across its awaits,
+            // and unboxed they made every evaluation's future (the local one
+            // included) several kilobytes, copied on every call.
+            Store::Redis(r) => {
+                Box::pin(self.evaluate_shared(r, &pack, recharge, fingerprint)).await
+            }
         }
     }
 
-    /// In memory, concurrent retries of one id wait on the one cell the first
-    /// of them fills, so a retry storm decides once.
-    async fn evaluate_local(
+    /// In memory, without waiting: the call that creates an id's record
+    /// decides at once, synchronously, and settles it; a retry finds the
+    /// stored decision. Only a retry that arrives during those microseconds
+    /// has to wait ([`Local::Deciding`]), so a retry storm decides once.
+    fn evaluate_local(
         &self,
         store: &MemoryStore,
         pack: &Pack,
         recharge: Recharge,
         fingerprint: u64,
-    ) -> Result<Evaluated, EngineError> {
+    ) -> Result<Local, EngineError> {
         if recharge.dry_run {
             if let Some(entry) = store.find(&recharge.request_id) {
                 if entry.fingerprint != fingerprint {
                     return Err(Conflict(recharge.request_id).into());
                 }
                 if let Some(settled) = entry.settled.get() {
-                    return Ok(replay(settled));
+                    return Ok(Local::Done(replay(settled)));
                 }
             }
             let settled = self.decide_local(store, pack, recharge, false);
-            return Ok(Evaluated {
+            return Ok(Local::Done(Evaluated {
                 decision: settled.decision,
                 replayed: false,
-            });
+            }));
         }
         let claim = store.claim(&recharge.request_id, fingerprint)?;
-        let mut fresh = false;
-        let settled = claim
-            .entry
-            .settled
-            .get_or_init(|| {
-                fresh = true;
-                async { self.decide_local(store, pack, recharge, true) }
-            })
-            .await;
-        Ok(Evaluated {
-            decision: settled.decision.clone(),
-            replayed: !fresh,
-        })
+        if !claim.fresh {
+            return Ok(match claim.entry.settled.get() {
+                Some(settled) => Local::Done(replay(settled)),
+                None => Local::Deciding(claim.entry, recharge.request_id),
+            });
+        }
+        let deciding = Abandon(&claim.entry);
+        let settled = self.decide_local(store, pack, recharge, true);
+        let decision = settled.decision.clone();
+        // This call created the record, so nothing else sets it.
+        let _ = claim.entry.settled.set(settled);
+        drop(deciding);
+        Ok(Local::Done(Evaluated {
+            decision,
+            replayed: false,
+        }))
     }
 
     fn decide_local(
@@ -478,6 +493,40 @@ pub fn outcome_name(kind: OutcomeKind) -> &'static str {
         OutcomeKind::Chargeback => "chargeback",
         OutcomeKind::ChallengePassed => "challenge_passed",
         OutcomeKind::ChallengeFailed => "challenge_failed",
+    }
+}
+
+/// What an in-memory evaluation came to without waiting.
+enum Local {
+    Done(Evaluated),
+    /// Another call is deciding this request id right now.
+    Deciding(Arc<IdemEntry>, String),
+}
+
+/// Abandons a claimed record if its creator unwinds before settling it, so
+/// that retries decide afresh instead of waiting on it until it expires.
+struct Abandon<'a>(&'a IdemEntry);
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
+}
+
+/// Waits (up to [`IN_FLIGHT_WAIT`]) for the decision another call is making
+/// in memory. Polled, not notified: it takes microseconds, so this is only
+/// met by retries sent while the first attempt is still being decided, and
+/// a record needs no waker list for them.
+async fn wait_for(entry: Arc<IdemEntry>, request_id: String) -> Result<Evaluated, EngineError> {
+    let started = Instant::now();
+    loop {
+        if let Some(settled) = entry.settled.get() {
+            return Ok(replay(settled));
+        }
+        if entry.is_abandoned() || started.elapsed() >= IN_FLIGHT_WAIT {
+            return Err(EngineError::InFlight(request_id));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

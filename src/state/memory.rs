@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use dashmap::DashMap;
 
@@ -45,21 +45,42 @@ pub struct Settled {
     pub location: Option<Arc<Location>>,
 }
 
-/// An idempotency record. The first caller for a request id decides and fills
-/// `settled`; concurrent retries of the same id wait on it instead of deciding
-/// again, so a retry storm can never double-count.
+/// An idempotency record. The call that creates it (see
+/// [`MemoryStore::claim`]) decides and fills `settled`; concurrent retries of
+/// the same id wait for it instead of deciding again, so a retry storm can
+/// never double-count.
+///
+/// A std `OnceLock`, not tokio's `OnceCell`: deciding in memory never
+/// awaits, so the creator decides synchronously and sets the cell, with no
+/// semaphore per record and no future holding the request across an await.
 #[derive(Debug)]
 pub struct IdemEntry {
     pub fingerprint: u64,
     pub created_ms: i64,
-    pub settled: tokio::sync::OnceCell<Settled>,
-    outcomes: AtomicU8,
+    pub settled: OnceLock<Settled>,
+    /// Outcome bits ([`OutcomeKind::bit`]) and [`ABANDONED`].
+    flags: AtomicU8,
 }
+
+/// The creator of a record gave up before settling it (it panicked): the
+/// next claim of the id decides afresh, and waiters stop waiting.
+const ABANDONED: u8 = 0x80;
 
 impl IdemEntry {
     /// Marks an outcome as applied; false when it already was.
     pub fn mark_outcome(&self, kind: OutcomeKind) -> bool {
-        self.outcomes.fetch_or(kind.bit(), Ordering::AcqRel) & kind.bit() == 0
+        self.flags.fetch_or(kind.bit(), Ordering::AcqRel) & kind.bit() == 0
+    }
+
+    /// Marks the record as given up by its creator, unless it was settled.
+    pub fn abandon(&self) {
+        if self.settled.get().is_none() {
+            self.flags.fetch_or(ABANDONED, Ordering::AcqRel);
+        }
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & ABANDONED != 0
     }
 }
 
@@ -142,20 +163,25 @@ impl MemoryStore {
         }
     }
 
+    /// Finds or creates the record of `request_id`. The caller that created
+    /// it (`fresh`) must decide and set `settled`, or [`IdemEntry::abandon`]
+    /// it; an abandoned record is replaced by the next claim.
     pub fn claim(&self, request_id: &str, fingerprint: u64) -> Result<Claim, Conflict> {
         let now = crate::now_ms();
         let mut fresh = false;
-        let entry = self.requests.update(request_id, |slot| {
-            slot.get_or_insert_with(|| {
+        // Most ids are new: one lookup that inserts, not a read first.
+        let entry = self.requests.upsert(request_id, |slot| match slot {
+            Some(e) if !e.is_abandoned() => e.clone(),
+            _ => {
                 fresh = true;
-                Arc::new(IdemEntry {
+                slot.insert(Arc::new(IdemEntry {
                     fingerprint,
                     created_ms: now,
-                    settled: tokio::sync::OnceCell::new(),
-                    outcomes: AtomicU8::new(0),
-                })
-            })
-            .clone()
+                    settled: OnceLock::new(),
+                    flags: AtomicU8::new(0),
+                }))
+                .clone()
+            }
         });
         if entry.fingerprint != fingerprint {
             return Err(Conflict(request_id.to_string()));
@@ -541,7 +567,7 @@ fn get_slot(r: &mut snapshot::Reader) -> Result<Slot, SnapshotError> {
 fn put_idem(enc: &mut snapshot::Enc, key: &str, e: &IdemEntry) {
     enc.b.put_u64(e.fingerprint);
     enc.time(e.created_ms);
-    enc.b.put_u8(e.outcomes.load(Ordering::Acquire));
+    enc.b.put_u8(e.flags.load(Ordering::Acquire));
     match e.settled.get() {
         None => enc.b.put_u8(0),
         Some(s) => {
@@ -556,7 +582,7 @@ fn put_idem(enc: &mut snapshot::Enc, key: &str, e: &IdemEntry) {
 fn get_idem(r: &mut snapshot::Reader, key: &str) -> Result<IdemEntry, SnapshotError> {
     let fingerprint = r.u64()?;
     let created_ms = r.time()?;
-    let outcomes = r.u8()?;
+    let flags = r.u8()?;
     let settled = match r.u8()? {
         0 => None,
         1 => Some(Settled {
@@ -566,11 +592,15 @@ fn get_idem(r: &mut snapshot::Reader, key: &str) -> Result<IdemEntry, SnapshotEr
         }),
         other => return Err(r.corrupt(format!("settled flag {other}"))),
     };
+    let cell = OnceLock::new();
+    if let Some(settled) = settled {
+        let _ = cell.set(settled);
+    }
     Ok(IdemEntry {
         fingerprint,
         created_ms,
-        settled: tokio::sync::OnceCell::new_with(settled),
-        outcomes: AtomicU8::new(outcomes),
+        settled: cell,
+        flags: AtomicU8::new(flags),
     })
 }
 
@@ -733,11 +763,17 @@ impl<V: Default> Bounded<V> {
 
     /// Runs `f` on the entry for `key`, creating it when absent.
     fn update<R>(&self, key: &str, f: impl FnOnce(&mut V) -> R) -> R {
-        let now = self.tick();
+        // Most keys exist: a lookup by the borrowed key builds no `Key`.
         if let Some(mut e) = self.map.get_mut(key.as_bytes()) {
-            e.touched = now;
+            e.touched = self.tick();
             return f(&mut e.value);
         }
+        self.upsert(key, f)
+    }
+
+    /// [`Bounded::update`] in one lookup, for keys that are mostly new.
+    fn upsert<R>(&self, key: &str, f: impl FnOnce(&mut V) -> R) -> R {
+        let now = self.tick();
         let mut inserted = false;
         let out = {
             let mut e = self.map.entry(Key::from(key)).or_insert_with(|| {
@@ -880,6 +916,20 @@ mod tests {
         assert_eq!(store.stats().window_keys, 1);
         let read = store.begin(&plan, &recharge("new", 1_100_000), None, false);
         assert_eq!(read.windows, [3], "the live key kept its count");
+    }
+
+    #[test]
+    fn a_claim_is_fresh_once_and_again_after_its_creator_gave_up() {
+        let store = MemoryStore::new(MemoryLimits::default());
+        let first = store.claim("r1", 7).unwrap();
+        assert!(first.fresh);
+        assert!(!store.claim("r1", 7).unwrap().fresh, "a retry waits for it");
+        assert!(store.claim("r1", 8).is_err(), "another request, same id");
+        first.entry.abandon();
+        let again = store.claim("r1", 7).unwrap();
+        assert!(again.fresh, "the next claim decides afresh");
+        assert!(!Arc::ptr_eq(&again.entry, &first.entry));
+        assert_eq!(store.stats().idempotency_records, 1);
     }
 
     #[test]
