@@ -481,6 +481,32 @@ impl Frame<'_> {
         Ok(())
     }
 
+    /// A simple operand's value when it is a number or a boolean, read in
+    /// place (features uncached: a field read costs less than the cache).
+    fn scalar(&self, e: &E) -> Option<Value> {
+        let v = match e {
+            E::Const(v) => v,
+            E::Local(slot) => self.locals.get(*slot)?,
+            E::Feature(i) => return self.defs.get(*i)?.scalar(self.ctx),
+            _ => return None,
+        };
+        matches!(v, Value::Int(_) | Value::Float(_) | Value::Bool(_)).then(|| v.clone())
+    }
+
+    /// A simple operand's text when it is a string constant, a string local
+    /// or a string feature of the request, borrowed where it lies.
+    fn text<'v>(&'v self, e: &'v E) -> Option<&'v str> {
+        match e {
+            E::Const(Value::Str(s)) => Some(s),
+            E::Local(slot) => match self.locals.get(*slot)? {
+                Value::Str(s) => Some(s),
+                _ => None,
+            },
+            E::Feature(i) => self.defs.get(*i)?.text(self.ctx),
+            _ => None,
+        }
+    }
+
     /// A simple operand's value (after [`Frame::ready`]).
     fn peek<'v>(&'v self, e: &'v E) -> &'v Value {
         match e {
@@ -621,6 +647,9 @@ fn truth(e: &E, f: &mut Frame) -> Result<bool, Stop> {
         }
         E::Not(x) => Ok(!truth(x, f)?),
         e if simple(e) => {
+            if let Some(Value::Bool(b)) = f.scalar(e) {
+                return Ok(b);
+            }
             f.ready(e)?;
             match f.peek(e) {
                 Value::Bool(b) => Ok(*b),
@@ -637,6 +666,13 @@ fn truth(e: &E, f: &mut Frame) -> Result<bool, Stop> {
 /// A comparison of operands read in place where they are simple.
 fn compare_in_place(op: BinOp, a: &E, b: &E, f: &mut Frame) -> Result<bool, Stop> {
     if simple(a) && simple(b) {
+        // Numbers and booleans, then strings, in place: most conditions.
+        if let (Some(x), Some(y)) = (f.scalar(a), f.scalar(b)) {
+            return compare(op, &x, &y).ok_or(Stop::Bail);
+        }
+        if let (Some(x), Some(y)) = (f.text(a), f.text(b)) {
+            return compare_text(op, x, y).ok_or(Stop::Bail);
+        }
         f.ready(a)?;
         f.ready(b)?;
         return compare(op, f.peek(a), f.peek(b)).ok_or(Stop::Bail);
@@ -726,15 +762,7 @@ fn compare(op: BinOp, a: &Value, b: &Value) -> Option<bool> {
         (&Float(x), &Float(y)) => float_compare(op, x, y)?,
         (&Float(x), &Int(y)) => float_compare(op, x, y as f64)?,
         (&Int(x), &Float(y)) => float_compare(op, x as f64, y)?,
-        (Str(x), Str(y)) => match op {
-            Eq => x == y,
-            Ne => x != y,
-            Lt => x < y,
-            Le => x <= y,
-            Gt => x > y,
-            Ge => x >= y,
-            _ => return None,
-        },
+        (Str(x), Str(y)) => compare_text(op, x, y)?,
         (&Bool(x), &Bool(y)) => match op {
             Eq => x == y,
             Ne => x != y,
@@ -749,6 +777,20 @@ fn compare(op: BinOp, a: &Value, b: &Value) -> Option<bool> {
             Ne | Lt | Le | Gt | Ge => false,
             _ => return None,
         },
+        _ => return None,
+    })
+}
+
+/// Rhai's string comparisons (by bytes, as `str` compares).
+fn compare_text(op: BinOp, x: &str, y: &str) -> Option<bool> {
+    use BinOp::*;
+    Some(match op {
+        Eq => x == y,
+        Ne => x != y,
+        Lt => x < y,
+        Le => x <= y,
+        Gt => x > y,
+        Ge => x >= y,
         _ => return None,
     })
 }

@@ -140,37 +140,40 @@ impl Feature {
     /// The value, exactly as the getter of `namespace.name` answers it
     /// (a test checks every one against its getter).
     pub fn value(&self, ctx: &Ctx, statuses: &Statuses) -> Value {
+        if let Some(v) = self.scalar(ctx) {
+            return v;
+        }
+        if let Some(s) = self.text(ctx) {
+            return Value::Str(ImmutableString::from(s));
+        }
+        match self {
+            Feature::Param(_, v) => v.clone(),
+            Feature::Status => Value::Str(statuses.get(ctx.recharge.account.status)),
+            _ => Value::Unit,
+        }
+    }
+
+    /// The value of a number or boolean feature (a field read: compiled
+    /// rules read these in place, uncached); `None` for the others.
+    pub fn scalar(&self, ctx: &Ctx) -> Option<Value> {
         use Feature::*;
         use Value::{Bool, Float, Int};
         let r = &ctx.recharge;
         let f = &r.facts;
         let p = &ctx.profile;
-        let text = |s: &str| Value::Str(ImmutableString::from(s));
-        match self {
+        Some(match self {
             Window(i) => Int(ctx.windows[*i]),
             List(i) => Bool(ctx.lists[*i]),
             Allowlisted => Bool(ctx.allowlisted),
-            Param(_, v) => v.clone(),
-            RequestId => text(&r.request_id),
-            UserId => text(&f.user_id),
+            Param(_, v @ (Int(_) | Bool(_) | Float(_))) => v.clone(),
             Amount => Int(f.amount),
-            Currency => text(&f.currency),
-            Channel => text(&f.channel),
-            Product => text(&f.product),
-            Target => text(&f.target),
-            Ip => text(&f.ip_text),
-            DeviceId => text(&f.device_id),
             TimestampMs => Int(f.timestamp_ms),
             IsIpv6 => Bool(r.ip.is_ipv6()),
             RealNameVerified => Bool(r.account.real_name_verified),
-            Status => Value::Str(statuses.get(r.account.status)),
             CreatedAtMs => Int(r.account.created_at_ms),
             HasPurchaseHistory => Bool(r.account.has_purchase_history),
             AgeDays => Float(script::age_days(ctx)),
             Known => Bool(ctx.location.is_some()),
-            Country => text(script::location_str(ctx, |l| &l.country)),
-            Region => text(script::location_str(ctx, |l| &l.region)),
-            City => text(script::location_str(ctx, |l| &l.city)),
             Latitude => Float(script::latitude(ctx)),
             Longitude => Float(script::longitude(ctx)),
             LocatedEvents => Int(p.located_events),
@@ -180,7 +183,30 @@ impl Feature {
             SecsSinceLogin => Int(p.secs_since_login),
             TravelKm => Float(p.travel_km),
             TravelKmh => Float(p.travel_kmh),
-        }
+            _ => return None,
+        })
+    }
+
+    /// The text of a string feature of the request or its location, where
+    /// it lies (compared in place, no string made); `None` for the others.
+    pub fn text<'c>(&self, ctx: &'c Ctx) -> Option<&'c str> {
+        use Feature::*;
+        let r = &ctx.recharge;
+        let f = &r.facts;
+        Some(match self {
+            RequestId => &r.request_id,
+            UserId => &f.user_id,
+            Currency => &f.currency,
+            Channel => &f.channel,
+            Product => &f.product,
+            Target => &f.target,
+            Ip => &f.ip_text,
+            DeviceId => &f.device_id,
+            Country => script::location_str(ctx, |l| &l.country),
+            Region => script::location_str(ctx, |l| &l.region),
+            City => script::location_str(ctx, |l| &l.city),
+            _ => return None,
+        })
     }
 }
 
@@ -911,7 +937,7 @@ file = "block.txt"
             ("ints", "let a = request.amount; let b = a * 3 - 7 % 4; if a / 3 > b / 10 && !(a == b) { flag(\"INTS\", `${a / 3} ${b} ${-a} ${a % 7}`) }", ""),
             ("floats", "let x = profile.travel_km; let y = x * 1.0000000000000002; if x == y && x >= y && !(x < y) && x != y + 1.0 { flag(\"EPS\", `${x} ${y} ${x / 3.0} ${x.to_int()} ${x + 1}`) }", ""),
             ("mixed", "if request.amount > profile.travel_km || 100 < account.age_days { flag(\"MIXED\", `${account.age_days * 2}`) }", ""),
-            ("strings", "let t = request.target + \"-\" + request.channel; if t > \"1\" && t != \"\" && geo.region <= \"Z\" { flag(\"STR\", t) }", ""),
+            ("strings", "let t = request.target + \"-\" + request.channel; if t > \"1\" && t != \"\" && geo.region <= \"Z\" && request.target != request.channel && request.target >= \"\" { flag(\"STR\", t) }", ""),
             ("bools", "if (true > false) && (list.b >= list.user_allow) && (() == ()) { notice(\"BOOL\", `${()}|${true}|${1.5}|${-0.0}|${1e300 * 10.0}|${0.1 + 0.2}`).score(3) }", ""),
             ("overflow", "let big = 9223372036854775807; if request.amount > 900 { big + request.amount } else { () }", ""),
             ("div0", "if request.amount == 999 { request.amount / (request.amount - 999) } else { () }", ""),
