@@ -804,51 +804,23 @@ fn binary(op: BinOp, a: &Value, b: &Value, max_string: usize) -> Option<Value> {
     use Value::*;
     Some(match (a, b) {
         (&Int(x), &Int(y)) => match op {
-            Eq => Bool(x == y),
-            Ne => Bool(x != y),
-            Lt => Bool(x < y),
-            Le => Bool(x <= y),
-            Gt => Bool(x > y),
-            Ge => Bool(x >= y),
             Add => Int(x.checked_add(y)?),
             Sub => Int(x.checked_sub(y)?),
             Mul => Int(x.checked_mul(y)?),
             Div if y == 0 => return None,
             Div => Int(x.checked_div(y)?),
             Rem => Int(x.checked_rem(y)?),
+            _ => return None,
         },
         (&Float(x), &Float(y)) => float(op, x, y),
         (&Float(x), &Int(y)) => float(op, x, y as f64),
         (&Int(x), &Float(y)) => float(op, x as f64, y),
-        (Str(x), Str(y)) => match op {
-            Eq => Bool(x == y),
-            Ne => Bool(x != y),
-            Lt => Bool(x < y),
-            Le => Bool(x <= y),
-            Gt => Bool(x > y),
-            Ge => Bool(x >= y),
-            Add => {
-                if max_string > 0 && x.len() + y.len() > max_string {
-                    return None;
-                }
-                Str(x.clone() + y)
+        (Str(x), Str(y)) if op == Add => {
+            if max_string > 0 && x.len() + y.len() > max_string {
+                return None;
             }
-            _ => return None,
-        },
-        (&Bool(x), &Bool(y)) => match op {
-            Eq => Bool(x == y),
-            Ne => Bool(x != y),
-            Lt => Bool(!x & y),
-            Le => Bool(x <= y),
-            Gt => Bool(x & !y),
-            Ge => Bool(x >= y),
-            _ => return None,
-        },
-        (Unit, Unit) => match op {
-            Eq => Bool(true),
-            Ne | Lt | Le | Gt | Ge => Bool(false),
-            _ => return None,
-        },
+            Str(x.clone() + y)
+        }
         _ => return None,
     })
 }
