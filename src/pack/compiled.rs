@@ -671,7 +671,7 @@ fn compare_in_place(op: BinOp, a: &E, b: &E, f: &mut Frame) -> Result<bool, Stop
             return compare(op, &x, &y).ok_or(Stop::Bail);
         }
         if let (Some(x), Some(y)) = (f.text(a), f.text(b)) {
-            return compare_text(op, x, y).ok_or(Stop::Bail);
+            return ordered(op, x, y).ok_or(Stop::Bail);
         }
         f.ready(a)?;
         f.ready(b)?;
@@ -750,28 +750,13 @@ fn compare(op: BinOp, a: &Value, b: &Value) -> Option<bool> {
     use BinOp::*;
     use Value::*;
     Some(match (a, b) {
-        (&Int(x), &Int(y)) => match op {
-            Eq => x == y,
-            Ne => x != y,
-            Lt => x < y,
-            Le => x <= y,
-            Gt => x > y,
-            Ge => x >= y,
-            _ => return None,
-        },
+        (Int(x), Int(y)) => ordered(op, x, y)?,
         (&Float(x), &Float(y)) => float_compare(op, x, y)?,
         (&Float(x), &Int(y)) => float_compare(op, x, y as f64)?,
         (&Int(x), &Float(y)) => float_compare(op, x as f64, y)?,
-        (Str(x), Str(y)) => compare_text(op, x, y)?,
-        (&Bool(x), &Bool(y)) => match op {
-            Eq => x == y,
-            Ne => x != y,
-            Lt => !x & y,
-            Le => x <= y,
-            Gt => x & !y,
-            Ge => x >= y,
-            _ => return None,
-        },
+        (Str(x), Str(y)) => ordered(op, x.as_str(), y.as_str())?,
+        // false < true, as Rhai orders booleans.
+        (Bool(x), Bool(y)) => ordered(op, x, y)?,
         (Unit, Unit) => match op {
             Eq => true,
             Ne | Lt | Le | Gt | Ge => false,
@@ -781,8 +766,9 @@ fn compare(op: BinOp, a: &Value, b: &Value) -> Option<bool> {
     })
 }
 
-/// Rhai's string comparisons (by bytes, as `str` compares).
-fn compare_text(op: BinOp, x: &str, y: &str) -> Option<bool> {
+/// A comparison by the type's own order: Rhai's for integers, booleans and
+/// strings (by bytes, as `str` compares).
+fn ordered<T: PartialOrd + ?Sized>(op: BinOp, x: &T, y: &T) -> Option<bool> {
     use BinOp::*;
     Some(match op {
         Eq => x == y,
