@@ -9,7 +9,7 @@ use dashmap::DashMap;
 
 use super::profile::Profile;
 use super::snapshot::{self, Put, Section, SnapshotError, SnapshotStats};
-use super::window::{push_small, Distinct, Series, Shape};
+use super::window::{Distinct, Series, Shape};
 use super::{Aggregate, Begun, Conflict, Counts, Touch, Window, WindowPlan};
 use crate::decision::{Action, Decision};
 use crate::geo::Location;
@@ -137,11 +137,23 @@ impl Slot {
                     Aggregate::Distinct(_) => Agg::Distinct(Distinct::default()),
                     _ => Agg::Series(Series::default()),
                 };
-                push_small(&mut self.windows, (w.sig, w.shape.span_ms, agg));
+                if self.windows.len() == self.windows.capacity() {
+                    // A step at a time (see `make_room` for new keys).
+                    self.windows.reserve_exact((self.windows.len() / 2).max(1));
+                }
+                self.windows.push((w.sig, w.shape.span_ms, agg));
                 self.windows.len() - 1
             }
         };
         &mut self.windows[at].2
+    }
+
+    /// A new key gets room for the `n` windows it is about to record into in
+    /// one allocation, not one growth step per window.
+    fn make_room(&mut self, n: usize) {
+        if self.windows.is_empty() {
+            self.windows.reserve_exact(n);
+        }
     }
 
     fn is_idle(&self, now_ms: i64) -> bool {
@@ -358,14 +370,18 @@ impl MemoryStore {
             let records = group
                 .windows
                 .iter()
-                .any(|&i| matches!(how(&plan.windows[i]), Touch::Record(_)));
+                .filter(|&&i| matches!(how(&plan.windows[i]), Touch::Record(_)))
+                .count();
             let visit = |mut slot: Option<&mut Slot>, values: &mut [i64]| {
+                if let Some(slot) = slot.as_deref_mut() {
+                    slot.make_room(records);
+                }
                 for &i in &group.windows {
                     let w = &plan.windows[i];
                     values[i] = touch(slot.as_deref_mut(), w, how(w), ts);
                 }
             };
-            if records {
+            if records > 0 {
                 self.windows.update(&key, |slot| visit(Some(slot), values));
             } else {
                 self.windows.read_mut(&key, |slot| visit(slot, values));

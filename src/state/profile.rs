@@ -4,6 +4,7 @@
 //! challenges the user passed). Bounded: the most recent [`RECENT`] located
 //! events are kept, which is all the usual-region question needs.
 
+use super::window::{push_small, Entries};
 use crate::geo::{distance_km, Location};
 
 /// Located events remembered per user.
@@ -38,7 +39,7 @@ struct Point {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Profile {
     /// (event time, region key), oldest first.
-    recent: Vec<(i64, u64)>,
+    recent: Entries<(i64, u64)>,
     last_point: Option<Point>,
     /// (time, was the region new) of the last successful login.
     last_login: Option<(i64, bool)>,
@@ -86,11 +87,12 @@ impl Profile {
             self.recent.remove(0);
         }
         let at = self.recent.partition_point(|(t, _)| *t <= ts_ms);
-        if self.recent.len() == self.recent.capacity() {
-            // Grow a step at a time: most users have a handful of events.
-            self.recent.reserve_exact((self.recent.len() / 2).max(1));
+        if at == self.recent.len() {
+            // The usual case: events arrive in time order.
+            push_small(&mut self.recent, (ts_ms, loc.region_key));
+        } else {
+            self.recent.insert(at, (ts_ms, loc.region_key));
         }
-        self.recent.insert(at, (ts_ms, loc.region_key));
     }
 
     /// Remembers where the user was last seen (any located event).
@@ -130,7 +132,7 @@ impl Profile {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.recent.capacity() * std::mem::size_of::<(i64, u64)>()
+        super::window::heap_bytes(&self.recent)
     }
 
     /// A compact, versioned byte form (Redis values, snapshots): a version
@@ -219,7 +221,7 @@ impl Profile {
         }
         recent.shrink_to_fit();
         Profile {
-            recent,
+            recent: Entries::from_vec(recent),
             last_point: last_point.map(|(ts_ms, lat, lon)| Point { ts_ms, lat, lon }),
             last_login,
         }
