@@ -20,8 +20,8 @@ pub struct Config {
     /// ip-location-db schema) or a CSV `network,country,region,city,latitude,longitude`.
     /// Unset: `geo/demo.csv` if present, else the same demo data built in.
     pub geo: Option<PathBuf>,
-    /// Most window keys (and, separately, user profiles) tracked at once; the
-    /// least recently used are evicted past it.
+    /// Most window keys tracked at once (a user's profile lives in the user's
+    /// key); the least recently used are evicted past it.
     pub max_tracked_keys: usize,
     /// Most idempotency records (decided request ids) kept at once.
     pub max_idempotency_records: usize,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use dashmap::DashMap;
 
-use super::profile::Profile;
+use super::profile::{Profile, ProfileView};
 use super::snapshot::{self, Put, Section, SnapshotError, SnapshotStats};
 use super::window::{Distinct, Series, Shape};
 use super::{Aggregate, Begun, Conflict, Counts, Touch, Window, WindowPlan};
@@ -18,8 +18,8 @@ use crate::model::{Facts, Login, OutcomeKind, Recharge};
 /// Limits of the in-memory store.
 #[derive(Debug, Clone)]
 pub struct MemoryLimits {
-    /// Most window keys (and, separately, user profiles) held at once; past it
-    /// the least recently used are evicted.
+    /// Most keys held at once (a user's profile lives in the user's key);
+    /// past it the least recently used are evicted.
     pub max_tracked_keys: usize,
     /// Most idempotency records held at once (least recently used evicted).
     pub max_idempotency_records: usize,
@@ -92,28 +92,56 @@ pub struct Claim {
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct StoreStats {
+    /// Keys held: window keys, a user's key holding the profile among them.
     pub window_keys: usize,
+    /// User profiles (each inside its user's key).
     pub profiles: usize,
     pub idempotency_records: usize,
     pub evicted: u64,
 }
 
 pub struct MemoryStore {
+    /// Window keys; a user's key ("user_id\x1fU") also holds the user's
+    /// profile, so a request that reads the user's windows finds the profile
+    /// under the same lock, with no lookup of its own.
     windows: Bounded<Slot>,
-    profiles: Bounded<Profile>,
     requests: Bounded<Option<Arc<IdemEntry>>>,
     limits: MemoryLimits,
     /// One snapshot write at a time (the periodic one and the final one).
     snapshotting: Mutex<()>,
 }
 
-/// All windows of one key.
+/// All windows of one key, and for a user's key the user's profile.
 #[derive(Debug, Default)]
 struct Slot {
     /// (window signature, span in ms, state): only windows this key has
     /// recorded into; a window that is only read holds nothing.
     windows: Vec<(u64, i64, Agg)>,
+    /// Boxed: most keys are not users' keys, and 8 bytes keep a map entry
+    /// within one cache line.
+    profile: Option<Box<Profile>>,
 }
+
+/// The prefix of a user's key, where the profile lives: the key of a window
+/// group on `user_id` alone, so a pack with such windows (the shipped one
+/// has several) reads them and the profile in one lookup.
+const USER_PREFIX: &str = "user_id";
+
+/// A user's key ("user_id\x1fU") into `key`.
+fn user_key(user_id: &str, key: &mut String) {
+    key.clear();
+    key.push_str(USER_PREFIX);
+    key.push('\x1f');
+    key.push_str(user_id);
+}
+
+impl Marked for Slot {
+    fn is_marked(&self) -> bool {
+        self.profile.is_some()
+    }
+}
+
+impl Marked for Option<Arc<IdemEntry>> {}
 
 #[derive(Debug)]
 enum Agg {
@@ -156,11 +184,25 @@ impl Slot {
         }
     }
 
-    fn is_idle(&self, now_ms: i64) -> bool {
-        self.windows.iter().all(|(_, span, agg)| match agg {
-            Agg::Series(s) => s.is_idle(Shape::new(*span), now_ms),
-            Agg::Distinct(d) => d.is_idle(Shape::new(*span), now_ms),
-        })
+    fn profile(&mut self) -> &mut Profile {
+        self.profile.get_or_insert_default()
+    }
+
+    fn view(slot: Option<&Slot>, ts: i64, span: i64, loc: Option<&Location>) -> ProfileView {
+        match slot.and_then(|s| s.profile.as_deref()) {
+            Some(p) => p.view(ts, span, loc),
+            None => Profile::default().view(ts, span, loc),
+        }
+    }
+
+    fn is_idle(&self, now_ms: i64, profile_span_ms: i64) -> bool {
+        self.profile
+            .as_ref()
+            .is_none_or(|p| p.is_idle(now_ms, profile_span_ms))
+            && self.windows.iter().all(|(_, span, agg)| match agg {
+                Agg::Series(s) => s.is_idle(Shape::new(*span), now_ms),
+                Agg::Distinct(d) => d.is_idle(Shape::new(*span), now_ms),
+            })
     }
 }
 
@@ -168,7 +210,6 @@ impl MemoryStore {
     pub fn new(limits: MemoryLimits) -> MemoryStore {
         MemoryStore {
             windows: Bounded::new(limits.max_tracked_keys),
-            profiles: Bounded::new(limits.max_tracked_keys),
             requests: Bounded::new(limits.max_idempotency_records),
             limits,
             snapshotting: Mutex::new(()),
@@ -214,14 +255,25 @@ impl MemoryStore {
         record: bool,
     ) -> Begun {
         let facts = &recharge.facts;
+        let (ts, span) = (facts.timestamp_ms, plan.profile_span_ms);
         let mut values = vec![0i64; plan.windows.len()];
-        self.touch_windows(plan, facts, &mut values, |w| {
-            Touch::of_recharge(w, facts, record)
-        });
-        let ts = facts.timestamp_ms;
-        let profile = self.profiles.read(&facts.user_id, |p| {
-            p.map(|p| p.view(ts, plan.profile_span_ms, location))
-                .unwrap_or_else(|| Profile::default().view(ts, plan.profile_span_ms, location))
+        let mut profile = None;
+        let on_user = |slot: Option<&mut Slot>| {
+            profile = Some(Slot::view(slot.as_deref(), ts, span, location));
+        };
+        self.touch_windows(
+            plan,
+            facts,
+            &mut values,
+            |w| Touch::of_recharge(w, facts, record),
+            on_user,
+        );
+        // A pack with no window on `user_id` alone: the profile's own lookup.
+        let profile = profile.unwrap_or_else(|| {
+            let mut key = String::new();
+            user_key(&facts.user_id, &mut key);
+            self.windows
+                .read(&key, |slot| Slot::view(slot, ts, span, location))
         });
         Begun {
             windows: values,
@@ -244,7 +296,7 @@ impl MemoryStore {
         }
         if let Some(loc) = location {
             let ts = facts.timestamp_ms;
-            self.profiles.update(&facts.user_id, |p| {
+            self.update_profile(&facts.user_id, |p| {
                 p.saw(ts, loc);
                 if learn {
                     p.learn(ts, loc);
@@ -261,20 +313,19 @@ impl MemoryStore {
         };
         let facts = login.facts();
         let mut values = vec![0i64; plan.windows.len()];
-        self.touch_windows(plan, &facts, &mut values, |w| {
+        let how = |w: &Window| {
             if w.counts == want {
                 Touch::Record(w.delta(&facts))
             } else {
                 Touch::Read
             }
-        });
+        };
+        self.touch_windows(plan, &facts, &mut values, how, |_| {});
         if login.succeeded {
             let (ts, span) = (login.timestamp_ms, plan.profile_span_ms);
-            self.profiles
-                .update(&login.user_id, |p| p.login(ts, span, location));
+            self.update_profile(&login.user_id, |p| p.login(ts, span, location));
         } else if let Some(loc) = location {
-            self.profiles
-                .update(&login.user_id, |p| p.saw(login.timestamp_ms, loc));
+            self.update_profile(&login.user_id, |p| p.saw(login.timestamp_ms, loc));
         }
     }
 
@@ -310,20 +361,28 @@ impl MemoryStore {
                 ..facts.clone()
             };
             let mut values = vec![0i64; plan.windows.len()];
-            self.touch_windows(plan, &at, &mut values, |w| {
+            let how = |w: &Window| {
                 if w.counts == want && facts.amount >= w.min_amount {
                     Touch::Record(w.delta(&at))
                 } else {
                     Touch::Read
                 }
-            });
+            };
+            self.touch_windows(plan, &at, &mut values, how, |_| {});
         }
         if kind == OutcomeKind::ChallengePassed {
             if let Some(loc) = settled.location.as_deref() {
-                self.profiles
-                    .update(&facts.user_id, |p| p.learn(facts.timestamp_ms, loc));
+                self.update_profile(&facts.user_id, |p| p.learn(facts.timestamp_ms, loc));
             }
         }
+    }
+
+    /// Runs `f` on the user's profile, creating it (and the user's key)
+    /// when absent.
+    fn update_profile(&self, user_id: &str, f: impl FnOnce(&mut Profile)) {
+        let mut key = String::new();
+        user_key(user_id, &mut key);
+        self.windows.update(&key, |slot| f(slot.profile()));
     }
 
     /// Takes a request's reservation back out of every `allowed` window.
@@ -353,13 +412,15 @@ impl MemoryStore {
     }
 
     /// Visits every key group of the plan: one lock per key, during which each
-    /// window of the key is recorded and/or read as `how` says.
+    /// window of the key is recorded and/or read as `how` says. Under the
+    /// user's key (a group on `user_id` alone), `on_user` sees the slot too.
     fn touch_windows(
         &self,
         plan: &WindowPlan,
         facts: &Facts,
         values: &mut [i64],
         how: impl Fn(&Window) -> Touch,
+        mut on_user: impl FnMut(Option<&mut Slot>),
     ) {
         let mut key = String::with_capacity(64);
         let ts = facts.timestamp_ms;
@@ -372,13 +433,17 @@ impl MemoryStore {
                 .iter()
                 .filter(|&&i| matches!(how(&plan.windows[i]), Touch::Record(_)))
                 .count();
-            let visit = |mut slot: Option<&mut Slot>, values: &mut [i64]| {
+            let user = group.prefix == USER_PREFIX;
+            let mut visit = |mut slot: Option<&mut Slot>, values: &mut [i64]| {
                 if let Some(slot) = slot.as_deref_mut() {
                     slot.make_room(records);
                 }
                 for &i in &group.windows {
                     let w = &plan.windows[i];
                     values[i] = touch(slot.as_deref_mut(), w, how(w), ts);
+                }
+                if user {
+                    on_user(slot);
                 }
             };
             if records > 0 {
@@ -391,9 +456,8 @@ impl MemoryStore {
 
     /// Drops idle keys and expired idempotency records. Run periodically.
     pub fn expire(&self, now_ms: i64, profile_span_ms: i64) {
-        self.windows.retain(|slot| !slot.is_idle(now_ms));
-        self.profiles
-            .retain(|p| !p.is_idle(now_ms, profile_span_ms));
+        self.windows
+            .retain(|slot| !slot.is_idle(now_ms, profile_span_ms));
         let ttl = self.limits.idempotency_ttl_ms;
         self.requests
             .retain(|e| e.as_ref().is_some_and(|e| e.created_ms + ttl > now_ms));
@@ -402,9 +466,9 @@ impl MemoryStore {
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             window_keys: self.windows.len(),
-            profiles: self.profiles.len(),
+            profiles: self.windows.marked(),
             idempotency_records: self.requests.len(),
-            evicted: self.windows.evicted() + self.profiles.evicted() + self.requests.evicted(),
+            evicted: self.windows.evicted() + self.requests.evicted(),
         }
     }
 
@@ -419,6 +483,9 @@ impl MemoryStore {
         let clock = self.windows.clock();
         out.section(Section::Windows, clock)?;
         for e in self.windows.map.iter() {
+            if e.value.windows.is_empty() {
+                continue; // a user's key holding only the profile
+            }
             out.record(|enc| {
                 // "user_id\x1fu1": the prefix is shared by many keys.
                 let key = e.key().as_str();
@@ -430,13 +497,19 @@ impl MemoryStore {
             })?;
         }
 
-        let clock = self.profiles.clock();
+        // Profiles by user id, as the format has them (their keys' clock).
         out.section(Section::Profiles, clock)?;
-        for e in self.profiles.map.iter() {
+        for e in self.windows.map.iter() {
+            let Some(profile) = &e.value.profile else {
+                continue;
+            };
+            let key = e.key().as_str();
+            let user_id = key.strip_prefix(USER_PREFIX).unwrap_or(key);
             out.record(|enc| {
-                enc.b.put_str(e.key().as_str());
+                enc.b
+                    .put_str(user_id.strip_prefix('\x1f').unwrap_or(user_id));
                 enc.b.put_var(clock.saturating_sub(e.touched));
-                snapshot::put_profile(enc, &e.value);
+                snapshot::put_profile(enc, profile);
             })?;
         }
 
@@ -483,18 +556,22 @@ impl MemoryStore {
                 let touched = clock.saturating_sub(r.var()?);
                 match section {
                     Section::Windows => {
-                        let slot = get_slot(&mut r)?;
-                        self.windows.restore(&key, touched, slot);
+                        let windows = get_windows(&mut r)?;
+                        self.windows
+                            .restore(&key, touched, |slot| slot.windows = windows);
                         stats.window_keys += 1;
                     }
                     Section::Profiles => {
-                        let profile = snapshot::get_profile(&mut r)?;
-                        self.profiles.restore(&key, touched, profile);
+                        let profile = Box::new(snapshot::get_profile(&mut r)?);
+                        let mut user = String::new();
+                        user_key(&key, &mut user);
+                        self.windows
+                            .restore(&user, touched, |slot| slot.profile = Some(profile));
                         stats.profiles += 1;
                     }
                     Section::Requests => {
-                        let entry = get_idem(&mut r, &key)?;
-                        self.requests.restore(&key, touched, Some(Arc::new(entry)));
+                        let entry = Some(Arc::new(get_idem(&mut r, &key)?));
+                        self.requests.restore(&key, touched, |slot| *slot = entry);
                         stats.idempotency_records += 1;
                     }
                 }
@@ -538,7 +615,7 @@ fn put_slot(enc: &mut snapshot::Enc, slot: &Slot) {
     }
 }
 
-fn get_slot(r: &mut snapshot::Reader) -> Result<Slot, SnapshotError> {
+fn get_windows(r: &mut snapshot::Reader) -> Result<Vec<(u64, i64, Agg)>, SnapshotError> {
     // A window is at least 2 bytes: a definition reference and a count.
     let n = r.count(2)?;
     let mut windows = Vec::with_capacity(n);
@@ -574,7 +651,7 @@ fn get_slot(r: &mut snapshot::Reader) -> Result<Slot, SnapshotError> {
         };
         windows.push((sig, span, agg));
     }
-    Ok(Slot { windows })
+    Ok(windows)
 }
 
 /// An idempotency record: a settled one with its decision, facts and
@@ -715,6 +792,14 @@ impl PartialEq for Key {
 
 impl Eq for Key {}
 
+/// What [`Bounded`] counts apart among its entries (users' keys that hold a
+/// profile), so the count needs no walk over the map.
+trait Marked {
+    fn is_marked(&self) -> bool {
+        false
+    }
+}
+
 /// A dashmap with a cap on entries, evicting the least recently used.
 ///
 /// Recency is a global counter stamped on every touch. When an insert takes
@@ -726,6 +811,8 @@ impl Eq for Key {}
 struct Bounded<V> {
     map: DashMap<Key, Stamped<V>, foldhash::fast::RandomState>,
     len: AtomicUsize,
+    /// Entries that are [`Marked::is_marked`].
+    marked: AtomicUsize,
     cap: usize,
     clock: AtomicU64,
     evicted: AtomicU64,
@@ -737,7 +824,7 @@ struct Stamped<V> {
     value: V,
 }
 
-impl<V: Default> Bounded<V> {
+impl<V: Default + Marked> Bounded<V> {
     fn new(cap: usize) -> Bounded<V> {
         Bounded {
             // Many small shards: the sweeper and the evictor lock one shard at
@@ -748,6 +835,7 @@ impl<V: Default> Bounded<V> {
             // cannot be made to collide.
             map: DashMap::with_hasher_and_shard_amount(Default::default(), SHARDS),
             len: AtomicUsize::new(0),
+            marked: AtomicUsize::new(0),
             cap: cap.max(1),
             clock: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
@@ -763,18 +851,41 @@ impl<V: Default> Bounded<V> {
         self.clock.load(Ordering::Relaxed)
     }
 
-    /// Puts back an entry from a snapshot with its recency stamp; the cap
-    /// holds as for any insert.
-    fn restore(&self, key: &str, touched: u64, value: V) {
+    /// Fills in an entry from a snapshot (`fill` may be one of several
+    /// parts of it), keeping its most recent stamp; the cap holds as for any
+    /// insert.
+    fn restore(&self, key: &str, touched: u64, fill: impl FnOnce(&mut V)) {
         self.clock
             .fetch_max(touched.saturating_add(1), Ordering::Relaxed);
-        let fresh = self
-            .map
-            .insert(Key::from(key), Stamped { touched, value })
-            .is_none();
-        if fresh && self.len.fetch_add(1, Ordering::AcqRel) + 1 > self.cap {
+        let mut inserted = false;
+        {
+            let mut e = self.map.entry(Key::from(key)).or_insert_with(|| {
+                inserted = true;
+                Stamped {
+                    touched,
+                    value: V::default(),
+                }
+            });
+            e.touched = e.touched.max(touched);
+            self.marking(&mut e.value, fill);
+        }
+        if inserted && self.len.fetch_add(1, Ordering::AcqRel) + 1 > self.cap {
             self.evict();
         }
+    }
+
+    /// Runs `f` on `value`, keeping the count of marked entries.
+    fn marking<R>(&self, value: &mut V, f: impl FnOnce(&mut V) -> R) -> R {
+        let was = value.is_marked();
+        let out = f(value);
+        if value.is_marked() != was {
+            if was {
+                self.marked.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                self.marked.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        out
     }
 
     /// Runs `f` on the entry for `key`, creating it when absent.
@@ -782,7 +893,7 @@ impl<V: Default> Bounded<V> {
         // Most keys exist: a lookup by the borrowed key builds no `Key`.
         if let Some(mut e) = self.map.get_mut(key.as_bytes()) {
             e.touched = self.tick();
-            return f(&mut e.value);
+            return self.marking(&mut e.value, f);
         }
         self.upsert(key, f)
     }
@@ -800,7 +911,7 @@ impl<V: Default> Bounded<V> {
                 }
             });
             e.touched = now;
-            f(&mut e.value)
+            self.marking(&mut e.value, f)
         };
         if inserted && self.len.fetch_add(1, Ordering::AcqRel) + 1 > self.cap {
             self.evict();
@@ -809,6 +920,7 @@ impl<V: Default> Bounded<V> {
     }
 
     /// Runs `f` on the entry for `key` if there is one; creates nothing.
+    /// (`f` may change what it finds, but not whether it is marked.)
     fn read_mut<R>(&self, key: &str, f: impl FnOnce(Option<&mut V>) -> R) -> R {
         match self.map.get_mut(key.as_bytes()) {
             Some(mut e) => f(Some(&mut e.value)),
@@ -845,18 +957,24 @@ impl<V: Default> Bounded<V> {
     }
 
     fn remove_where(&self, remove: impl Fn(&Stamped<V>) -> bool) {
-        let mut removed = 0usize;
+        let (mut removed, mut marked) = (0usize, 0usize);
         self.map.retain(|_, e| {
             let gone = remove(e);
             removed += usize::from(gone);
+            marked += usize::from(gone && e.value.is_marked());
             !gone
         });
         self.len.fetch_sub(removed, Ordering::AcqRel);
+        self.marked.fetch_sub(marked, Ordering::Relaxed);
         self.evicted.fetch_add(removed as u64, Ordering::Relaxed);
     }
 
     fn len(&self) -> usize {
         self.len.load(Ordering::Acquire)
+    }
+
+    fn marked(&self) -> usize {
+        self.marked.load(Ordering::Relaxed)
     }
 
     fn evicted(&self) -> u64 {
@@ -869,6 +987,8 @@ mod tests {
     use super::*;
     use crate::model::Field;
     use crate::state::KeyGroup;
+
+    impl Marked for u32 {}
 
     fn plan() -> WindowPlan {
         WindowPlan {
@@ -946,6 +1066,63 @@ mod tests {
         assert!(again.fresh, "the next claim decides afresh");
         assert!(!Arc::ptr_eq(&again.entry, &first.entry));
         assert_eq!(store.stats().idempotency_records, 1);
+    }
+
+    #[test]
+    fn the_profile_lives_in_the_users_key_with_or_without_user_windows() {
+        let store = MemoryStore::new(MemoryLimits::default());
+        let span = 30 * 86_400_000;
+        let beijing = Location::new("CN".into(), "Beijing".into(), "".into(), 39.9, 116.4);
+        let with_windows = plan();
+        let without = WindowPlan {
+            profile_span_ms: span,
+            ..WindowPlan::default()
+        };
+        let first = recharge("u1", 1_000);
+        store.begin(&with_windows, &first, Some(&beijing), true);
+        store.settle(
+            &with_windows,
+            &first.facts,
+            Action::Allow,
+            true,
+            Some(&beijing),
+        );
+        let stats = store.stats();
+        assert_eq!(
+            (stats.window_keys, stats.profiles),
+            (1, 1),
+            "one key for both"
+        );
+
+        // Read under the windows' lock, or by its own lookup: the same profile.
+        let next = recharge("u1", 2_000);
+        for plan in [&with_windows, &without] {
+            let seen = store.begin(plan, &next, Some(&beijing), false).profile;
+            assert_eq!((seen.located_events, seen.usual_region), (1, true));
+        }
+        assert_eq!(
+            store
+                .begin(&without, &recharge("u2", 2_000), None, false)
+                .profile
+                .located_events,
+            0
+        );
+
+        // The key outlives its windows while the profile is live...
+        store.expire(1_000 + 3_600_000, span);
+        let stats = store.stats();
+        assert_eq!((stats.window_keys, stats.profiles), (1, 1));
+        let later = recharge("u1", 1_000 + 3_600_000);
+        let seen = store.begin(&with_windows, &later, Some(&beijing), false);
+        assert_eq!(
+            (seen.windows[0], seen.profile.located_events),
+            (1, 1),
+            "windows idle"
+        );
+        // ...and goes with it.
+        store.expire(1_000 + span + 1, span);
+        let stats = store.stats();
+        assert_eq!((stats.window_keys, stats.profiles), (0, 0));
     }
 
     #[test]

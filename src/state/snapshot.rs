@@ -1234,7 +1234,10 @@ mod tests {
             (3, 2, 7)
         );
         assert_eq!(loaded.bytes, saved.bytes);
-        assert_eq!(b.stats().window_keys, 3);
+        // Keys: the three window keys and u2's key, which holds only a profile.
+        let (sa, sb) = (a.stats(), b.stats());
+        assert_eq!((sb.window_keys, sb.profiles), (4, 2));
+        assert_eq!((sb.window_keys, sb.profiles), (sa.window_keys, sa.profiles));
 
         // Windows: the next request sees exactly what it saw before.
         let plan = plan();
