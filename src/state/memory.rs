@@ -802,14 +802,20 @@ trait Marked {
 
 /// A dashmap with a cap on entries, evicting the least recently used.
 ///
-/// Recency is a global counter stamped on every touch. When an insert takes
-/// the map over its cap, the inserting thread evicts the oldest tenth. It
+/// Recency is a stamp from the map's clock on every touch. Threads take
+/// stamps a lease ([`LEASE`]) at a time, so that cores do not fight over the
+/// clock's cache line on every request: stamps stay unique, and in order to
+/// within a lease per thread, which is all picking the oldest tenth needs.
+/// When an insert takes the map over its cap, the inserting thread evicts
+/// the oldest tenth. It
 /// takes a std `Mutex` for that (never held across an await, and uncontended
 /// unless a flood of new keys is under way), so that the cap holds strictly:
 /// a thread that finds the map over its cap waits for the sweep in progress
 /// and checks again.
 struct Bounded<V> {
     map: DashMap<Key, Stamped<V>, foldhash::fast::RandomState>,
+    /// Tells this map's lease apart from other maps' (see [`Bounded::tick`]).
+    id: u64,
     len: AtomicUsize,
     /// Entries that are [`Marked::is_marked`].
     marked: AtomicUsize,
@@ -817,6 +823,26 @@ struct Bounded<V> {
     clock: AtomicU64,
     evicted: AtomicU64,
     sweeping: Mutex<()>,
+}
+
+/// Stamps a thread takes from a map's clock at once.
+const LEASE: u64 = 64;
+
+/// Ids of maps, for [`Lease::map`] (0 is no map).
+static MAP_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A thread's run of stamps on one map's clock.
+#[derive(Clone, Copy)]
+struct Lease {
+    map: u64,
+    next: u64,
+    end: u64,
+}
+
+thread_local! {
+    static LEASES: std::cell::Cell<[Lease; 2]> = const {
+        std::cell::Cell::new([Lease { map: 0, next: 0, end: 0 }; 2])
+    };
 }
 
 struct Stamped<V> {
@@ -834,6 +860,7 @@ impl<V: Default + Marked> Bounded<V> {
             // fast hash, seeded per process, so keys chosen by an attacker
             // cannot be made to collide.
             map: DashMap::with_hasher_and_shard_amount(Default::default(), SHARDS),
+            id: MAP_IDS.fetch_add(1, Ordering::Relaxed),
             len: AtomicUsize::new(0),
             marked: AtomicUsize::new(0),
             cap: cap.max(1),
@@ -843,8 +870,25 @@ impl<V: Default + Marked> Bounded<V> {
         }
     }
 
+    /// The next recency stamp, from this thread's lease on the clock.
     fn tick(&self) -> u64 {
-        self.clock.fetch_add(1, Ordering::Relaxed)
+        LEASES.with(|leases| {
+            let mut all = leases.get();
+            // A store's two maps have consecutive ids: each its own slot.
+            let lease = &mut all[(self.id % 2) as usize];
+            if lease.map != self.id || lease.next == lease.end {
+                let start = self.clock.fetch_add(LEASE, Ordering::Relaxed);
+                *lease = Lease {
+                    map: self.id,
+                    next: start,
+                    end: start + LEASE,
+                };
+            }
+            let stamp = lease.next;
+            lease.next += 1;
+            leases.set(all);
+            stamp
+        })
     }
 
     fn clock(&self) -> u64 {

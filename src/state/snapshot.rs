@@ -1328,10 +1328,15 @@ mod tests {
         let loaded = b.load_snapshot(&path).unwrap();
         assert!(b.stats().window_keys <= 50, "{:?}", b.stats());
         assert!(loaded.evicted >= 150, "{loaded:?}");
-        // The most recently touched user survived; the first did not.
+        // The most recently touched user survived. Records load in the file's
+        // order, not by age, so a few old ones loaded after the last eviction
+        // round (a tenth of the cap) may stay too, but no more.
         let read = |u: &str| b.begin(&plan, &recharge("x", u, "", 1, t0 + 1000), None, false);
         assert_eq!(read("u199").windows[0], 2);
-        assert_eq!(read("u0").windows[0], 1);
+        let old = (0..150)
+            .filter(|i| read(&format!("u{i}")).windows[0] == 2)
+            .count();
+        assert!(old <= 5, "{old} of the 150 oldest users stayed");
     }
 
     fn saved() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
