@@ -127,6 +127,21 @@ struct Slot {
 /// has several) reads them and the profile in one lookup.
 const USER_PREFIX: &str = "user_id";
 
+thread_local! {
+    /// This thread's buffer for building map keys. Every request builds
+    /// several keys; a fresh `String` for each was an allocation apiece.
+    static KEY: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+}
+
+/// Runs `f` with this thread's key buffer (taken, not borrowed: a nested
+/// call just starts a buffer of its own).
+fn with_key<R>(f: impl FnOnce(&mut String) -> R) -> R {
+    let mut key = KEY.take();
+    let out = f(&mut key);
+    KEY.set(key);
+    out
+}
+
 /// A user's key ("user_id\x1fU") into `key`.
 fn user_key(user_id: &str, key: &mut String) {
     key.clear();
@@ -270,10 +285,11 @@ impl MemoryStore {
         );
         // A pack with no window on `user_id` alone: the profile's own lookup.
         let profile = profile.unwrap_or_else(|| {
-            let mut key = String::new();
-            user_key(&facts.user_id, &mut key);
-            self.windows
-                .read(&key, |slot| Slot::view(slot, ts, span, location))
+            with_key(|key| {
+                user_key(&facts.user_id, key);
+                self.windows
+                    .read(key, |slot| Slot::view(slot, ts, span, location))
+            })
         });
         Begun {
             windows: values,
@@ -380,23 +396,27 @@ impl MemoryStore {
     /// Runs `f` on the user's profile, creating it (and the user's key)
     /// when absent.
     fn update_profile(&self, user_id: &str, f: impl FnOnce(&mut Profile)) {
-        let mut key = String::new();
-        user_key(user_id, &mut key);
-        self.windows.update(&key, |slot| f(slot.profile()));
+        with_key(|key| {
+            user_key(user_id, key);
+            self.windows.update(key, |slot| f(slot.profile()));
+        })
     }
 
     /// Takes a request's reservation back out of every `allowed` window.
     fn release(&self, plan: &WindowPlan, facts: &Facts) {
-        let mut key = String::new();
+        with_key(|key| self.release_with(plan, facts, key))
+    }
+
+    fn release_with(&self, plan: &WindowPlan, facts: &Facts, key: &mut String) {
         for group in &plan.groups {
             let releasing = group
                 .windows
                 .iter()
                 .any(|&i| plan.windows[i].releases(facts));
-            if !releasing || !group.key(facts, &mut key) {
+            if !releasing || !group.key(facts, key) {
                 continue;
             }
-            self.windows.read_mut(&key, |slot| {
+            self.windows.read_mut(key, |slot| {
                 let Some(slot) = slot else { return };
                 for &i in &group.windows {
                     let w = &plan.windows[i];
@@ -420,12 +440,23 @@ impl MemoryStore {
         facts: &Facts,
         values: &mut [i64],
         how: impl Fn(&Window) -> Touch,
-        mut on_user: impl FnMut(Option<&mut Slot>),
+        on_user: impl FnMut(Option<&mut Slot>),
     ) {
-        let mut key = String::with_capacity(64);
+        with_key(|key| self.touch_windows_with(plan, facts, values, how, on_user, key))
+    }
+
+    fn touch_windows_with(
+        &self,
+        plan: &WindowPlan,
+        facts: &Facts,
+        values: &mut [i64],
+        how: impl Fn(&Window) -> Touch,
+        mut on_user: impl FnMut(Option<&mut Slot>),
+        key: &mut String,
+    ) {
         let ts = facts.timestamp_ms;
         for group in &plan.groups {
-            if !group.key(facts, &mut key) {
+            if !group.key(facts, key) {
                 continue;
             }
             let records = group
@@ -447,9 +478,9 @@ impl MemoryStore {
                 }
             };
             if records > 0 {
-                self.windows.update(&key, |slot| visit(Some(slot), values));
+                self.windows.update(key, |slot| visit(Some(slot), values));
             } else {
-                self.windows.read_mut(&key, |slot| visit(slot, values));
+                self.windows.read_mut(key, |slot| visit(slot, values));
             }
         }
     }
