@@ -72,6 +72,37 @@ impl Value {
     }
 }
 
+/// A number or a boolean: what most conditions compare. Read in place and
+/// copied, with no reference count to touch and nothing to drop, where a
+/// [`Value`] would be built, matched and dropped for every operand.
+#[derive(Debug, Clone, Copy)]
+pub enum Scalar {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+}
+
+impl From<Scalar> for Value {
+    fn from(s: Scalar) -> Value {
+        match s {
+            Scalar::Bool(b) => Value::Bool(b),
+            Scalar::Int(n) => Value::Int(n),
+            Scalar::Float(x) => Value::Float(x),
+        }
+    }
+}
+
+impl Value {
+    fn scalar(&self) -> Option<Scalar> {
+        match *self {
+            Value::Bool(b) => Some(Scalar::Bool(b)),
+            Value::Int(n) => Some(Scalar::Int(n)),
+            Value::Float(x) => Some(Scalar::Float(x)),
+            _ => None,
+        }
+    }
+}
+
 /// Why a compiled rule stopped early (small, so results stay in
 /// registers).
 enum Stop {
@@ -466,6 +497,8 @@ pub struct Frame<'a> {
     pub max_string: usize,
     /// The value of a `return`, on its way out.
     pub returned: Option<Value>,
+    /// A value was put in `features` (which the caller then clears).
+    pub filled: bool,
 }
 
 impl Frame<'_> {
@@ -476,6 +509,7 @@ impl Frame<'_> {
             if slot.is_none() {
                 let def = self.defs.get(*i).ok_or(Stop::Bail)?;
                 *slot = Some(def.value(self.ctx, self.statuses));
+                self.filled = true;
             }
         }
         Ok(())
@@ -483,14 +517,13 @@ impl Frame<'_> {
 
     /// A simple operand's value when it is a number or a boolean, read in
     /// place (features uncached: a field read costs less than the cache).
-    fn scalar(&self, e: &E) -> Option<Value> {
-        let v = match e {
-            E::Const(v) => v,
-            E::Local(slot) => self.locals.get(*slot)?,
-            E::Feature(i) => return self.defs.get(*i)?.scalar(self.ctx),
-            _ => return None,
-        };
-        matches!(v, Value::Int(_) | Value::Float(_) | Value::Bool(_)).then(|| v.clone())
+    fn scalar(&self, e: &E) -> Option<Scalar> {
+        match e {
+            E::Const(v) => v.scalar(),
+            E::Local(slot) => self.locals.get(*slot)?.scalar(),
+            E::Feature(i) => self.defs.get(*i)?.scalar(self.ctx),
+            _ => None,
+        }
     }
 
     /// A simple operand's text when it is a string constant, a string local
@@ -589,23 +622,29 @@ fn stmt(s: &S, f: &mut Frame) -> Eval {
             Err(Stop::Return)
         }
         S::Switch(sw) => {
-            let value = if simple(&sw.value) {
-                f.ready(&sw.value)?;
-                match f.peek(&sw.value) {
-                    Value::Str(s) => s.clone(),
-                    _ => return Err(Stop::Bail),
-                }
-            } else {
-                match eval(&sw.value, f)? {
-                    Value::Str(s) => s,
-                    _ => return Err(Stop::Bail),
+            // A string feature is compared where it lies (it borrows the
+            // request, not the frame); anything else is evaluated.
+            let (ctx, defs) = (f.ctx, f.defs);
+            let in_place = match &sw.value {
+                E::Feature(i) => defs.get(*i).and_then(|d| d.text(ctx)),
+                _ => None,
+            };
+            let owned;
+            let value = match in_place {
+                Some(text) => text,
+                None => {
+                    owned = match eval(&sw.value, f)? {
+                        Value::Str(s) => s,
+                        _ => return Err(Stop::Bail),
+                    };
+                    owned.as_str()
                 }
             };
             for (literal, cond, body) in &sw.cases {
                 let Value::Str(l) = literal else {
                     return Err(Stop::Bail);
                 };
-                if *l != value {
+                if l.as_str() != value {
                     continue;
                 }
                 let taken = match cond {
@@ -647,7 +686,7 @@ fn truth(e: &E, f: &mut Frame) -> Result<bool, Stop> {
         }
         E::Not(x) => Ok(!truth(x, f)?),
         e if simple(e) => {
-            if let Some(Value::Bool(b)) = f.scalar(e) {
+            if let Some(Scalar::Bool(b)) = f.scalar(e) {
                 return Ok(b);
             }
             f.ready(e)?;
@@ -668,7 +707,7 @@ fn compare_in_place(op: BinOp, a: &E, b: &E, f: &mut Frame) -> Result<bool, Stop
     if simple(a) && simple(b) {
         // Numbers and booleans, then strings, in place: most conditions.
         if let (Some(x), Some(y)) = (f.scalar(a), f.scalar(b)) {
-            return compare(op, &x, &y).ok_or(Stop::Bail);
+            return compare_scalars(op, x, y).ok_or(Stop::Bail);
         }
         if let (Some(x), Some(y)) = (f.text(a), f.text(b)) {
             return ordered(op, x, y).ok_or(Stop::Bail);
@@ -745,18 +784,29 @@ fn eval(e: &E, f: &mut Frame) -> Eval {
     })
 }
 
+/// Rhai's built-in comparisons of numbers and booleans.
+fn compare_scalars(op: BinOp, a: Scalar, b: Scalar) -> Option<bool> {
+    use Scalar::*;
+    match (a, b) {
+        (Int(x), Int(y)) => ordered(op, &x, &y),
+        (Float(x), Float(y)) => float_compare(op, x, y),
+        (Float(x), Int(y)) => float_compare(op, x, y as f64),
+        (Int(x), Float(y)) => float_compare(op, x as f64, y),
+        // false < true, as Rhai orders booleans.
+        (Bool(x), Bool(y)) => ordered(op, &x, &y),
+        _ => None,
+    }
+}
+
 /// Rhai's built-in comparisons, for the types they are built in for.
 fn compare(op: BinOp, a: &Value, b: &Value) -> Option<bool> {
     use BinOp::*;
     use Value::*;
+    if let (Some(x), Some(y)) = (a.scalar(), b.scalar()) {
+        return compare_scalars(op, x, y);
+    }
     Some(match (a, b) {
-        (Int(x), Int(y)) => ordered(op, x, y)?,
-        (&Float(x), &Float(y)) => float_compare(op, x, y)?,
-        (&Float(x), &Int(y)) => float_compare(op, x, y as f64)?,
-        (&Int(x), &Float(y)) => float_compare(op, x as f64, y)?,
         (Str(x), Str(y)) => ordered(op, x.as_str(), y.as_str())?,
-        // false < true, as Rhai orders booleans.
-        (Bool(x), Bool(y)) => ordered(op, x, y)?,
         (Unit, Unit) => match op {
             Eq => true,
             Ne | Lt | Le | Gt | Ge => false,
@@ -813,40 +863,37 @@ fn binary(op: BinOp, a: &Value, b: &Value, max_string: usize) -> Option<Value> {
 
 /// Rhai's float comparisons (checked build): within a relative epsilon.
 fn float_compare(op: BinOp, x: f64, y: f64) -> Option<bool> {
-    match float(op, x, y) {
-        Value::Bool(b) => Some(b),
-        _ => None,
-    }
+    use BinOp::*;
+    let max = if x * y == 0.0 {
+        1.0
+    } else {
+        x.abs().max(y.abs())
+    };
+    let eps = f64::EPSILON;
+    // (the answer when the scale is zero, the test otherwise)
+    let (zero, test) = match op {
+        Eq => (true, (x - y).abs() / max <= eps),
+        Ne => (false, (x - y).abs() / max > eps),
+        Gt => (false, (x - y) / max > eps),
+        Ge => (true, (x - y) / max > -eps),
+        Lt => (false, (y - x) / max > eps),
+        Le => (true, (y - x) / max > -eps),
+        _ => return None,
+    };
+    Some(if max == 0.0 { zero } else { test })
 }
 
 /// Rhai's float operators (checked build): comparisons within a relative
 /// epsilon, arithmetic as is.
 fn float(op: BinOp, x: f64, y: f64) -> Value {
     use BinOp::*;
-    let max = || {
-        if x * y == 0.0 {
-            1.0
-        } else {
-            x.abs().max(y.abs())
-        }
-    };
-    let cmp = |zero: bool, test: &dyn Fn(f64) -> bool| {
-        let max = max();
-        Value::Bool(if max == 0.0 { zero } else { test(max) })
-    };
-    let eps = f64::EPSILON;
     match op {
         Add => Value::Float(x + y),
         Sub => Value::Float(x - y),
         Mul => Value::Float(x * y),
         Div => Value::Float(x / y),
         Rem => Value::Float(x % y),
-        Eq => cmp(true, &|m| (x - y).abs() / m <= eps),
-        Ne => cmp(false, &|m| (x - y).abs() / m > eps),
-        Gt => cmp(false, &|m| (x - y) / m > eps),
-        Ge => cmp(true, &|m| (x - y) / m > -eps),
-        Lt => cmp(false, &|m| (y - x) / m > eps),
-        Le => cmp(true, &|m| (y - x) / m > -eps),
+        _ => Value::Bool(float_compare(op, x, y).unwrap_or(false)),
     }
 }
 

@@ -34,7 +34,7 @@ use std::cell::RefCell;
 
 use rhai::{ASTNode, Dynamic, Engine, Expr, ImmutableString, Scope, Stmt, AST};
 
-use super::compiled::{Compiler, Frame, Program, Value};
+use super::compiled::{Compiler, Frame, Program, Scalar, Value};
 use super::script::{self, Ctx, Names, VARIABLES};
 
 /// Rules merged into one evaluation at most: bounds what a segment that
@@ -141,23 +141,25 @@ impl Feature {
     /// (a test checks every one against its getter).
     pub fn value(&self, ctx: &Ctx, statuses: &Statuses) -> Value {
         if let Some(v) = self.scalar(ctx) {
-            return v;
-        }
-        if let Some(s) = self.text(ctx) {
-            return Value::Str(ImmutableString::from(s));
+            return v.into();
         }
         match self {
-            Feature::Param(_, v) => v.clone(),
+            // Before `text`: the pack's copy of the name is a reference
+            // count, where a new string would be an allocation.
             Feature::Status => Value::Str(statuses.get(ctx.recharge.account.status)),
-            _ => Value::Unit,
+            Feature::Param(_, v) => v.clone(),
+            _ => match self.text(ctx) {
+                Some(s) => Value::Str(ImmutableString::from(s)),
+                None => Value::Unit,
+            },
         }
     }
 
     /// The value of a number or boolean feature (a field read: compiled
     /// rules read these in place, uncached); `None` for the others.
-    pub fn scalar(&self, ctx: &Ctx) -> Option<Value> {
+    pub fn scalar(&self, ctx: &Ctx) -> Option<Scalar> {
         use Feature::*;
-        use Value::{Bool, Float, Int};
+        use Scalar::{Bool, Float, Int};
         let r = &ctx.recharge;
         let f = &r.facts;
         let p = &ctx.profile;
@@ -165,7 +167,9 @@ impl Feature {
             Window(i) => Int(ctx.windows[*i]),
             List(i) => Bool(ctx.lists[*i]),
             Allowlisted => Bool(ctx.allowlisted),
-            Param(_, v @ (Int(_) | Bool(_) | Float(_))) => v.clone(),
+            Param(_, Value::Int(n)) => Int(*n),
+            Param(_, Value::Bool(b)) => Bool(*b),
+            Param(_, Value::Float(x)) => Float(*x),
             Amount => Int(f.amount),
             TimestampMs => Int(f.timestamp_ms),
             IsIpv6 => Bool(r.ip.is_ipv6()),
@@ -202,6 +206,7 @@ impl Feature {
             Target => &f.target,
             Ip => &f.ip_text,
             DeviceId => &f.device_id,
+            Status => r.account.status.name(),
             Country => script::location_str(ctx, |l| &l.country),
             Region => script::location_str(ctx, |l| &l.region),
             City => script::location_str(ctx, |l| &l.city),
@@ -485,25 +490,34 @@ impl FastPlan {
         // This thread's buffers from its last request (taken, not borrowed:
         // a nested run would just start its own).
         let (mut features, mut locals) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-        features.clear();
-        features.resize(self.features.len(), None);
+        // Left all `None` by the last run (see below): only its length
+        // may be another pack's.
+        if features.len() != self.features.len() {
+            features.clear();
+            features.resize(self.features.len(), None);
+        }
         locals.resize(self.slots, Value::Unit);
         let mut dynamic_features = false;
+        // One frame for every compiled rule of the request: they share the
+        // feature values it computes.
+        let mut frame = Frame {
+            ctx,
+            defs: &self.features,
+            statuses: &self.statuses,
+            features: &mut features,
+            locals: &mut locals,
+            max_string: self.max_string,
+            returned: None,
+            filled: false,
+        };
         for step in steps {
             match step {
                 Step::Alone(i) => out(Ran::Slow(*i)),
                 Step::Compiled(i) => {
                     let program = self.programs[*i].as_ref().expect("a compiled rule");
-                    let mut frame = Frame {
-                        ctx,
-                        defs: &self.features,
-                        statuses: &self.statuses,
-                        features: &mut features,
-                        locals: &mut locals,
-                        max_string: self.max_string,
-                        returned: None,
-                    };
                     match program.run(&mut frame) {
+                        // Most rules, most of the time: nothing to report.
+                        Some(Value::Unit) => {}
                         Some(value) => out(Ran::Compiled(*i, value)),
                         None => {
                             self.bails[*i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -520,7 +534,7 @@ impl FastPlan {
                         FEATURES.with(|f| {
                             let mut f = f.borrow_mut();
                             f.clear();
-                            f.extend(self.features.iter().zip(&features).map(|(def, v)| {
+                            f.extend(self.features.iter().zip(&*frame.features).map(|(def, v)| {
                                 v.clone()
                                     .unwrap_or_else(|| def.value(ctx, &self.statuses))
                                     .into_dynamic()
@@ -557,8 +571,13 @@ impl FastPlan {
                 }
             }
         }
-        // Values hold strings of this request: drop them now, keep the room.
-        features.clear();
+        let filled = frame.filled;
+        drop(frame);
+        // Values hold strings of this request: drop them now, keep the room
+        // (most requests put none there, and skip the walk).
+        if filled {
+            features.clear();
+        }
         locals.clear();
         SCRATCH.with(|s| *s.borrow_mut() = (features, locals));
     }
