@@ -404,31 +404,29 @@ impl MemoryStore {
 
     /// Takes a request's reservation back out of every `allowed` window.
     fn release(&self, plan: &WindowPlan, facts: &Facts) {
-        with_key(|key| self.release_with(plan, facts, key))
-    }
-
-    fn release_with(&self, plan: &WindowPlan, facts: &Facts, key: &mut String) {
-        for group in &plan.groups {
-            let releasing = group
-                .windows
-                .iter()
-                .any(|&i| plan.windows[i].releases(facts));
-            if !releasing || !group.key(facts, key) {
-                continue;
-            }
-            self.windows.read_mut(key, |slot| {
-                let Some(slot) = slot else { return };
-                for &i in &group.windows {
-                    let w = &plan.windows[i];
-                    if !w.releases(facts) {
-                        continue;
-                    }
-                    if let Some(Agg::Series(s)) = slot.find(w) {
-                        s.remove(w.shape, facts.timestamp_ms, w.delta(facts));
-                    }
+        with_key(|key| {
+            for group in &plan.groups {
+                let releasing = group
+                    .windows
+                    .iter()
+                    .any(|&i| plan.windows[i].releases(facts));
+                if !releasing || !group.key(facts, key) {
+                    continue;
                 }
-            });
-        }
+                self.windows.read_mut(key, |slot| {
+                    let Some(slot) = slot else { return };
+                    for &i in &group.windows {
+                        let w = &plan.windows[i];
+                        if !w.releases(facts) {
+                            continue;
+                        }
+                        if let Some(Agg::Series(s)) = slot.find(w) {
+                            s.remove(w.shape, facts.timestamp_ms, w.delta(facts));
+                        }
+                    }
+                });
+            }
+        })
     }
 
     /// Visits every key group of the plan: one lock per key, during which each
@@ -440,49 +438,40 @@ impl MemoryStore {
         facts: &Facts,
         values: &mut [i64],
         how: impl Fn(&Window) -> Touch,
-        on_user: impl FnMut(Option<&mut Slot>),
-    ) {
-        with_key(|key| self.touch_windows_with(plan, facts, values, how, on_user, key))
-    }
-
-    fn touch_windows_with(
-        &self,
-        plan: &WindowPlan,
-        facts: &Facts,
-        values: &mut [i64],
-        how: impl Fn(&Window) -> Touch,
         mut on_user: impl FnMut(Option<&mut Slot>),
-        key: &mut String,
     ) {
-        let ts = facts.timestamp_ms;
-        for group in &plan.groups {
-            if !group.key(facts, key) {
-                continue;
+        // This thread's key buffer: every request builds several keys.
+        with_key(|key| {
+            let ts = facts.timestamp_ms;
+            for group in &plan.groups {
+                if !group.key(facts, key) {
+                    continue;
+                }
+                let records = group
+                    .windows
+                    .iter()
+                    .filter(|&&i| matches!(how(&plan.windows[i]), Touch::Record(_)))
+                    .count();
+                let user = group.prefix == USER_PREFIX;
+                let mut visit = |mut slot: Option<&mut Slot>, values: &mut [i64]| {
+                    if let Some(slot) = slot.as_deref_mut() {
+                        slot.make_room(records);
+                    }
+                    for &i in &group.windows {
+                        let w = &plan.windows[i];
+                        values[i] = touch(slot.as_deref_mut(), w, how(w), ts);
+                    }
+                    if user {
+                        on_user(slot);
+                    }
+                };
+                if records > 0 {
+                    self.windows.update(key, |slot| visit(Some(slot), values));
+                } else {
+                    self.windows.read_mut(key, |slot| visit(slot, values));
+                }
             }
-            let records = group
-                .windows
-                .iter()
-                .filter(|&&i| matches!(how(&plan.windows[i]), Touch::Record(_)))
-                .count();
-            let user = group.prefix == USER_PREFIX;
-            let mut visit = |mut slot: Option<&mut Slot>, values: &mut [i64]| {
-                if let Some(slot) = slot.as_deref_mut() {
-                    slot.make_room(records);
-                }
-                for &i in &group.windows {
-                    let w = &plan.windows[i];
-                    values[i] = touch(slot.as_deref_mut(), w, how(w), ts);
-                }
-                if user {
-                    on_user(slot);
-                }
-            };
-            if records > 0 {
-                self.windows.update(key, |slot| visit(Some(slot), values));
-            } else {
-                self.windows.read_mut(key, |slot| visit(slot, values));
-            }
-        }
+        })
     }
 
     /// Drops idle keys and expired idempotency records. Run periodically.
