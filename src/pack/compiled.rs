@@ -51,6 +51,16 @@ impl Value {
         }
     }
 
+    /// The value as a [`Scalar`], when it is a number or a boolean.
+    fn scalar(&self) -> Option<Scalar> {
+        match *self {
+            Value::Bool(b) => Some(Scalar::Bool(b)),
+            Value::Int(n) => Some(Scalar::Int(n)),
+            Value::Float(x) => Some(Scalar::Float(x)),
+            _ => None,
+        }
+    }
+
     /// A parameter's value, when it is of a type handled here.
     pub fn from_param(d: &Dynamic) -> Option<Value> {
         Value::from_dynamic(d)
@@ -88,17 +98,6 @@ impl From<Scalar> for Value {
             Scalar::Bool(b) => Value::Bool(b),
             Scalar::Int(n) => Value::Int(n),
             Scalar::Float(x) => Value::Float(x),
-        }
-    }
-}
-
-impl Value {
-    fn scalar(&self) -> Option<Scalar> {
-        match *self {
-            Value::Bool(b) => Some(Scalar::Bool(b)),
-            Value::Int(n) => Some(Scalar::Int(n)),
-            Value::Float(x) => Some(Scalar::Float(x)),
-            _ => None,
         }
     }
 }
@@ -848,9 +847,9 @@ fn binary(op: BinOp, a: &Value, b: &Value, max_string: usize) -> Option<Value> {
             Rem => Int(x.checked_rem(y)?),
             _ => return None,
         },
-        (&Float(x), &Float(y)) => float(op, x, y),
-        (&Float(x), &Int(y)) => float(op, x, y as f64),
-        (&Int(x), &Float(y)) => float(op, x as f64, y),
+        (&Float(x), &Float(y)) => float(op, x, y)?,
+        (&Float(x), &Int(y)) => float(op, x, y as f64)?,
+        (&Int(x), &Float(y)) => float(op, x as f64, y)?,
         (Str(x), Str(y)) if op == Add => {
             if max_string > 0 && x.len() + y.len() > max_string {
                 return None;
@@ -883,18 +882,17 @@ fn float_compare(op: BinOp, x: f64, y: f64) -> Option<bool> {
     Some(if max == 0.0 { zero } else { test })
 }
 
-/// Rhai's float operators (checked build): comparisons within a relative
-/// epsilon, arithmetic as is.
-fn float(op: BinOp, x: f64, y: f64) -> Value {
+/// Rhai's float arithmetic, as is (comparisons are [`float_compare`]).
+fn float(op: BinOp, x: f64, y: f64) -> Option<Value> {
     use BinOp::*;
-    match op {
-        Add => Value::Float(x + y),
-        Sub => Value::Float(x - y),
-        Mul => Value::Float(x * y),
-        Div => Value::Float(x / y),
-        Rem => Value::Float(x % y),
-        _ => Value::Bool(float_compare(op, x, y).unwrap_or(false)),
-    }
+    Some(Value::Float(match op {
+        Add => x + y,
+        Sub => x - y,
+        Mul => x * y,
+        Div => x / y,
+        Rem => x % y,
+        _ => return None,
+    }))
 }
 
 fn call(fun: Fun, args: Vec<Value>) -> Option<Value> {
