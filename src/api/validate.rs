@@ -39,11 +39,19 @@ fn required(field: &str, value: &str, max: usize) -> Result<(), Status> {
 }
 
 fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    bounded_as(|| field.to_string(), value, max)
+}
+
+/// [`bounded`] for a field whose name is built, only when it is refused.
+fn bounded_as(field: impl Fn() -> String, value: &str, max: usize) -> Result<(), Status> {
     if value.len() > max {
-        return Err(invalid(field, format_args!("is longer than {max} bytes")));
+        return Err(invalid(
+            &field(),
+            format_args!("is longer than {max} bytes"),
+        ));
     }
     if value.chars().any(char::is_control) {
-        return Err(invalid(field, "contains control characters"));
+        return Err(invalid(&field(), "contains control characters"));
     }
     Ok(())
 }
@@ -56,11 +64,15 @@ fn parse_ip(field: &str, text: &str) -> Result<(IpAddr, String), Status> {
         )
     })?;
     // IPv4-mapped IPv6 is the IPv4 address: one address, one key.
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    Ok((ip, ip.to_string()))
+    Ok(match ip {
+        IpAddr::V6(v6) => {
+            let ip = v6.to_ipv4_mapped().map_or(ip, IpAddr::V4);
+            (ip, ip.to_string())
+        }
+        // Text that parses as IPv4 is already in its one canonical form
+        // (no leading zeros, no spaces): kept as it is, not formatted anew.
+        IpAddr::V4(_) => (ip, text.trim().to_string()),
+    })
 }
 
 /// Event time: 0 means now; otherwise within the accepted range.
@@ -120,7 +132,9 @@ pub fn recharge(req: pb::EvaluateRequest, now: i64) -> Result<Recharge, Status> 
     let currency = if req.currency.is_empty() {
         "CNY".to_string()
     } else {
-        req.currency.to_ascii_uppercase()
+        let mut currency = req.currency;
+        currency.make_ascii_uppercase();
+        currency
     };
     Ok(Recharge {
         request_id: req.request_id,
@@ -159,7 +173,7 @@ fn attributes(attrs: &std::collections::HashMap<String, String>) -> Result<(), S
                 format_args!("key `{k}` must be 1 to {MAX_ATTRIBUTE_KEY_LEN} bytes"),
             ));
         }
-        bounded(&format!("attributes[{k}]"), v, MAX_ATTRIBUTE_VALUE_LEN)?;
+        bounded_as(|| format!("attributes[{k}]"), v, MAX_ATTRIBUTE_VALUE_LEN)?;
     }
     Ok(())
 }
@@ -248,4 +262,86 @@ pub fn outcome(o: pb::Outcome, now: i64) -> Result<Outcome, Status> {
         kind,
         timestamp_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> pb::EvaluateRequest {
+        pb::EvaluateRequest {
+            request_id: "r1".into(),
+            user_id: "u1".into(),
+            amount: 100,
+            ip: "192.0.2.1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn addresses_are_kept_in_one_canonical_form() {
+        for (given, kept) in [
+            ("192.0.2.1", "192.0.2.1"),
+            (" 192.0.2.1 ", "192.0.2.1"),
+            ("::ffff:192.0.2.1", "192.0.2.1"),
+            ("2001:DB8:0:0:0:0:0:1", "2001:db8::1"),
+            ("2001:db8::1", "2001:db8::1"),
+        ] {
+            let r = recharge(
+                pb::EvaluateRequest {
+                    ip: given.into(),
+                    ..request()
+                },
+                1,
+            )
+            .unwrap();
+            assert_eq!(
+                (r.facts.ip_text.as_str(), r.ip),
+                (kept, kept.parse().unwrap()),
+                "{given}"
+            );
+        }
+        for bad in ["192.0.2.01", "192.0.2", "::ffff:192.0.2.1.5", "example.com"] {
+            let e = recharge(
+                pb::EvaluateRequest {
+                    ip: bad.into(),
+                    ..request()
+                },
+                1,
+            )
+            .unwrap_err();
+            assert!(e.message().starts_with("ip: "), "{bad}: {}", e.message());
+        }
+    }
+
+    #[test]
+    fn currency_is_upper_case_and_defaults_to_cny() {
+        let r = |c: &str| {
+            recharge(
+                pb::EvaluateRequest {
+                    currency: c.into(),
+                    ..request()
+                },
+                1,
+            )
+        };
+        assert_eq!(r("usd").unwrap().facts.currency, "USD");
+        assert_eq!(r("CNY").unwrap().facts.currency, "CNY");
+        assert_eq!(r("").unwrap().facts.currency, "CNY");
+        assert!(r("yuan").is_err());
+    }
+
+    #[test]
+    fn a_refused_attribute_value_names_its_key() {
+        let mut req = request();
+        req.attributes
+            .insert("note".into(), "v".repeat(MAX_ATTRIBUTE_VALUE_LEN + 1));
+        let e = recharge(req, 1).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(e.message(), "attributes[note]: is longer than 256 bytes");
+        let mut req = request();
+        req.attributes.insert("note".into(), "a\u{7}b".into());
+        let e = recharge(req, 1).unwrap_err();
+        assert_eq!(e.message(), "attributes[note]: contains control characters");
+    }
 }
