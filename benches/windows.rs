@@ -22,6 +22,12 @@
 //!   +100 ms a call (a new bucket every 100 adds, the oldest dropped).
 //! - `window/distinct_add`: `Distinct::add` on a 1-hour shape over 8 values
 //!   (one shared device's users).
+//! - `window/distinct_add_4096_live`: the same over 4,096 values, all within
+//!   the hour (a shop terminal or a campus address many users share; an
+//!   emulator farm reusing one device id): every add finds its value again.
+//! - `window/distinct_add_fresh`: a new value on every add, at the
+//!   [`MAX_DISTINCT`](riskgate::state::window::MAX_DISTINCT) bound (a device
+//!   cycling through made-up user ids): every add forgets the oldest value.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv6Addr};
@@ -194,6 +200,33 @@ fn main() {
                 ts += 100;
                 v = (v + 1) % 8;
                 distinct.add(shape, black_box(ts), 0x9e37_79b9 ^ v)
+            });
+        });
+    }
+
+    for (name, values) in [
+        ("distinct_add_4096_live", 4096u64),
+        ("distinct_add_fresh", 0),
+    ] {
+        let shape = Shape::new(3_600_000);
+        let mut distinct = Distinct::default();
+        let mut ts = T0_MS;
+        let mut v = 0u64;
+        let mut next = move || {
+            ts += 100;
+            v += 1;
+            // 0: every value new; otherwise a cycle over `values` values.
+            (ts, if values == 0 { v } else { v % values })
+        };
+        // Untimed: fill the key to its steady state first.
+        for _ in 0..10_000 {
+            let (ts, v) = next();
+            distinct.add(shape, ts, v.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let (ts, v) = next();
+                distinct.add(shape, black_box(ts), v.wrapping_mul(0x9e37_79b9_7f4a_7c15))
             });
         });
     }

@@ -624,9 +624,8 @@ fn put_slot(enc: &mut snapshot::Enc, slot: &Slot) {
             }
             Agg::Distinct(d) => {
                 enc.def(*sig, *span, 1);
-                let seen = d.seen();
-                enc.b.put_var(seen.len() as u64);
-                for &(value, ts) in seen {
+                enc.b.put_var(d.len() as u64);
+                for (value, ts) in d.seen() {
                     enc.b.put_u64(value);
                     enc.time(ts);
                 }
