@@ -396,3 +396,136 @@ async fn the_shipped_scenarios_pass_on_redis() {
     assert!(outcomes.len() >= 17, "{} scenarios", outcomes.len());
     assert_eq!(failed, 0, "{}", String::from_utf8_lossy(&report));
 }
+
+/// A recharge by `user` from the one device many users share.
+fn on_shared_device(user: u64, ts: i64) -> riskgate::model::Recharge {
+    use riskgate::model::{Account, AccountStatus, Facts, Recharge};
+    let ip: std::net::IpAddr = format!("10.1.{}.{}", user / 200, user % 200)
+        .parse()
+        .unwrap();
+    Recharge {
+        request_id: format!("shared-{user}-{ts}"),
+        facts: Facts {
+            user_id: format!("u{user}"),
+            ip_text: ip.to_string(),
+            device_id: "kiosk-1".to_string(),
+            target: format!("138{user:08}"),
+            channel: "wechat".to_string(),
+            product: "phone_credit".to_string(),
+            currency: "CNY".to_string(),
+            amount: 1_000,
+            timestamp_ms: ts,
+        },
+        ip,
+        account: Account {
+            real_name_verified: true,
+            status: AccountStatus::Active,
+            created_at_ms: ts - 400 * 86_400_000,
+            has_purchase_history: true,
+        },
+        attributes: Default::default(),
+        dry_run: false,
+    }
+}
+
+/// A device hundreds of users share (a shop terminal): its distinct window
+/// lives in a sorted set in Redis and a hash map in memory, and every window
+/// of every request reads the same in both, late events and dry runs
+/// included, as users come and go out of the hour.
+#[tokio::test]
+async fn a_shared_device_counts_alike_in_redis_and_in_memory() {
+    use riskgate::state::redis::{Opened, RedisConfig};
+    use riskgate::state::{memory::MemoryLimits, MemoryStore, RedisStore};
+    let Some(redis) = Redis::start() else { return };
+    let pack = riskgate::pack::Pack::load(&shipped_pack()).unwrap();
+    let plan = &pack.plan;
+    let shared = RedisStore::connect(RedisConfig {
+        url: redis.url(),
+        prefix: "shared".to_string(),
+        timeout_ms: 5_000,
+        idempotency_ttl_ms: 3_600_000,
+        inline_settle: true,
+    })
+    .await
+    .unwrap();
+    let memory = MemoryStore::new(MemoryLimits::default());
+    let device_users = plan
+        .windows
+        .iter()
+        .position(|w| &*w.name == "device_users_1h")
+        .expect("the shipped pack counts a device's users");
+    let mut peak = 0;
+    for step in 0..900u64 {
+        // 300 users, one every 10 s (a fifth of them dry runs, a seventh late).
+        let user = step % 300;
+        let mut ts = t0() + step as i64 * 10_000;
+        if step % 7 == 3 {
+            ts -= 20 * MIN; // late
+        }
+        let mut r = on_shared_device(user, ts);
+        r.dry_run = step % 5 == 4;
+        let record = !r.dry_run;
+        let in_memory = memory.begin(plan, &r, None, record).windows;
+        let in_redis = match shared.open(plan, &r, None, step, record).await.unwrap() {
+            Opened::Decide { begun, .. } => begun.windows,
+            _ => panic!("step {step}: a new request id"),
+        };
+        assert_eq!(in_redis, in_memory, "step {step} (user {user}, ts {ts})");
+        peak = peak.max(in_memory[device_users]);
+    }
+    assert!(peak > 200, "the device reached {peak} users in an hour");
+}
+
+/// Not a test: what one `touch.lua` call costs Redis (its own
+/// `INFO commandstats`, so client noise stays out), for BENCHMARKS.md.
+/// 4,000 recharges from `RISKGATE_USERS` users (default 4,096) on one shared
+/// device, or each on their own device with `RISKGATE_OWN_DEVICE=1`, after
+/// 4,000 that fill the keys:
+///
+/// ```sh
+/// cargo test --release --test redis measure -- --ignored --nocapture
+/// ```
+#[tokio::test]
+#[ignore]
+async fn measure_the_touch_script_on_a_shared_device() {
+    use riskgate::state::redis::{Opened, RedisConfig};
+    let redis = Redis::start().expect("redis-server");
+    let pack = riskgate::pack::Pack::load(&shipped_pack()).unwrap();
+    let shared = riskgate::state::RedisStore::connect(RedisConfig {
+        url: redis.url(),
+        prefix: "measure".to_string(),
+        timeout_ms: 5_000,
+        idempotency_ttl_ms: 3_600_000,
+        inline_settle: true,
+    })
+    .await
+    .unwrap();
+    let env = |name: &str| std::env::var(name).ok();
+    let users: u64 = env("RISKGATE_USERS").map_or(4096, |u| u.parse().unwrap());
+    let own_device = env("RISKGATE_OWN_DEVICE").is_some();
+    let mut conn = redis.client().await;
+    for (phase, from) in [("fill", 0), ("measure", 4_000)] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for step in from..from + 4_000u64 {
+            let user = step % users;
+            let mut r = on_shared_device(user, t0() + step as i64 * 500);
+            if own_device {
+                r.facts.device_id = format!("d{user}");
+            }
+            let opened = shared.open(&pack.plan, &r, None, step, true).await;
+            assert!(matches!(opened, Ok(Opened::Decide { .. })), "step {step}");
+        }
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for line in stats.lines().filter(|l| l.contains("evalsha")) {
+            println!("{phase}: users {users}, own device {own_device}: {line}");
+        }
+    }
+}

@@ -13,10 +13,13 @@
 //! one Redis Cluster slot, and one request's keys are shared with other
 //! users' requests through an IP or a device, so the whole keyspace of one
 //! prefix is one slot):
-//! - `{prefix}:w:<group key>` (e.g. `user_id\x1fu1`): one hash for every
-//!   window of that key, fields `<window tag>:<bucket>` -> sum, or
-//!   `<window tag>:<value>` -> last seen ms; TTL the longest span of its
-//!   windows plus one bucket.
+//! - `{prefix}:w:<group key>` (e.g. `user_id\x1fu1`): one hash for the
+//!   series windows of that key, fields `<window tag>:<bucket>` -> sum; TTL
+//!   the longest span of its windows plus one bucket.
+//! - `{prefix}:w:<group key>\x1e<window tag>`: a distinct window of that key,
+//!   a sorted set (member the value, score its last-seen ms), so that a key
+//!   thousands of users share costs O(log n) a request, not a read of every
+//!   value; same TTL.
 //! - `{prefix}:p:<user>`: the profile ([`Profile::encode`]); TTL the profile span.
 //! - `{prefix}:r:<request id>`: a hash, `fp` (fingerprint), `d` (the decision),
 //!   `o<kind>` (outcome marks); TTL the idempotency TTL ([`PENDING_TTL_MS`]

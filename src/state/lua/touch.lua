@@ -3,9 +3,12 @@
 --
 -- KEYS[1]  the request record (hash: fp, d = decision, o<kind> = outcome marks)
 -- KEYS[2]  the user's profile (bytes)
--- KEYS[3..] one per key group: a hash of every window of the key, fields
---          <tag>:<bucket> -> sum (series) or <tag>:<value> -> last seen ms
---          (distinct)
+-- KEYS[3..] one per key group: a hash of the key's series windows, fields
+--          <tag>:<bucket> -> sum. A distinct window of the key is a sorted
+--          set beside it, KEYS[k] .. "\x1e" .. tag (same hash tag, and ids
+--          hold no control characters): member the value, score its last
+--          seen ms. Every operation on it is O(log n), so a key thousands of
+--          users share costs what any other does.
 -- ARGV[1]  claim | peek | event | none
 -- ARGV[2]  the request fingerprint
 -- ARGV[3]  TTL of a new record, ms
@@ -33,69 +36,82 @@ if mode ~= 'none' then
   end
 end
 
--- One key group: apply its records, then read every window from one HGETALL.
+-- A distinct window: record (ZADD GT keeps the latest time), drop what left
+-- the span (only when this read is the newest: not for a late event), hold
+-- the bound, and count.
+local function distinct(zkey, w, ttl)
+  if w.op == 'r' then
+    redis.call('ZADD', zkey, 'GT', w.hi, w.delta)
+    redis.call('PEXPIRE', zkey, ttl)
+  end
+  local newest = redis.call('ZRANGE', zkey, -1, -1, 'WITHSCORES')[2]
+  local value, held = 0, 0
+  if newest == nil then
+  elseif tonumber(newest) <= w.hi then
+    redis.call('ZREMRANGEBYSCORE', zkey, '-inf', '(' .. w.lo)
+    value = redis.call('ZCARD', zkey)
+    held = value
+  else
+    value = redis.call('ZCOUNT', zkey, w.lo, w.hi)
+    held = redis.call('ZCARD', zkey)
+  end
+  if w.op == 'r' and held > MAX_DISTINCT then
+    local oldest = redis.call('ZPOPMIN', zkey)
+    local t = tonumber(oldest[2])
+    if t >= w.lo and t <= w.hi then value = value - 1 end
+  end
+  if w.op == 'i' then
+    local t = redis.call('ZSCORE', zkey, w.delta)
+    if not t or tonumber(t) < w.lo or tonumber(t) > w.hi then value = value + 1 end
+  end
+  return value
+end
+
+-- One key group: apply its records, then read its series from one HGETALL
+-- (at most a span's buckets each) and each distinct window from its set.
 -- Returns the index of the next group's first argument.
 local function group(key, a, out)
   local ttl, n = ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
-  local ws, bytag, recorded = {}, {}, false
+  local ws, bytag, series, recorded = {}, {}, false, false
   for i = 1, n do
     local w = {
       kind = ARGV[a], op = ARGV[a + 1], delta = ARGV[a + 2],
       lo = tonumber(ARGV[a + 3]), hi = tonumber(ARGV[a + 4]), tag = ARGV[a + 5],
-      value = 0, newest = nil, stale = {}, seen = false, count = 0,
-      oldest = nil, oldest_t = nil,
+      value = 0, newest = nil, stale = {},
     }
     a = a + 6
-    ws[i], bytag[w.tag] = w, w
-    if w.op == 'r' then
-      recorded = true
-      if w.kind == 's' then
+    ws[i] = w
+    if w.kind == 's' then
+      series, bytag[w.tag] = true, w
+      if w.op == 'r' then
+        recorded = true
         redis.call('HINCRBY', key, w.tag .. ':' .. ARGV[a - 2], w.delta)
-      else
-        local f = w.tag .. ':' .. w.delta
-        local old = redis.call('HGET', key, f)
-        if not old or tonumber(old) < w.hi then redis.call('HSET', key, f, ARGV[a - 2]) end
       end
     end
   end
   if recorded then redis.call('PEXPIRE', key, ttl) end
-  local all = redis.call('HGETALL', key)
+  local all = series and redis.call('HGETALL', key) or {}
   for i = 1, #all, 2 do
     local f = all[i]
     local w = bytag[string.sub(f, 1, 8)]
     if w then
-      local x = string.sub(f, 10)
-      if w.kind == 's' then
-        local b = tonumber(x)
-        if b >= w.lo and b <= w.hi then w.value = w.value + tonumber(all[i + 1]) end
-        if b < w.lo then w.stale[#w.stale + 1] = f end
-        if w.newest == nil or b > w.newest then w.newest = b end
-      else
-        local t = tonumber(all[i + 1])
-        w.count = w.count + 1
-        if t >= w.lo and t <= w.hi then
-          w.value = w.value + 1
-          if x == w.delta then w.seen = true end
-        end
-        if t < w.lo then w.stale[#w.stale + 1] = f end
-        if w.newest == nil or t > w.newest then w.newest = t end
-        if w.oldest_t == nil or t < w.oldest_t then w.oldest, w.oldest_t = f, t end
-      end
+      local b = tonumber(string.sub(f, 10))
+      if b >= w.lo and b <= w.hi then w.value = w.value + tonumber(all[i + 1]) end
+      if b < w.lo then w.stale[#w.stale + 1] = f end
+      if w.newest == nil or b > w.newest then w.newest = b end
     end
   end
   for i = 1, n do
     local w = ws[i]
-    -- Expired entries go only when this read is the newest (not a late event).
-    if #w.stale > 0 and w.newest <= w.hi then
-      redis.call('HDEL', key, unpack(w.stale))
-    elseif w.kind == 'd' and w.op == 'r' and w.count > MAX_DISTINCT then
-      redis.call('HDEL', key, w.oldest)
-      if w.oldest_t >= w.lo then w.value = w.value - 1 end
-    end
-    if w.op == 'i' then
-      if w.kind == 's' then w.value = w.value + tonumber(w.delta)
-      elseif not w.seen then w.value = w.value + 1 end
+    if w.kind == 'd' then
+      w.value = distinct(key .. '\30' .. w.tag, w, ttl)
+    else
+      -- Expired buckets go only when this read is the newest (not a late event).
+      if #w.stale > 0 and w.newest <= w.hi then
+        redis.call('HDEL', key, unpack(w.stale))
+      end
+      if w.op == 'i' then w.value = w.value + tonumber(w.delta) end
     end
     out[#out + 1] = w.value
   end
