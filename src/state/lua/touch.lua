@@ -46,12 +46,11 @@ local function distinct(zkey, w, ttl)
   end
   local newest = redis.call('ZRANGE', zkey, -1, -1, 'WITHSCORES')[2]
   local value, held = 0, 0
-  if newest == nil then
-  elseif tonumber(newest) <= w.hi then
+  if newest and tonumber(newest) <= w.hi then
     redis.call('ZREMRANGEBYSCORE', zkey, '-inf', '(' .. w.lo)
     value = redis.call('ZCARD', zkey)
     held = value
-  else
+  elseif newest then
     value = redis.call('ZCOUNT', zkey, w.lo, w.hi)
     held = redis.call('ZCARD', zkey)
   end
