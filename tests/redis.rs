@@ -483,7 +483,7 @@ async fn a_shared_device_counts_alike_in_redis_and_in_memory() {
 /// 4,000 that fill the keys:
 ///
 /// ```sh
-/// cargo test --release --test redis measure -- --ignored --nocapture
+/// cargo test --test redis measure -- --ignored --nocapture
 /// ```
 #[tokio::test]
 #[ignore]
