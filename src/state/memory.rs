@@ -474,6 +474,19 @@ impl MemoryStore {
         })
     }
 
+    /// True when a map is past its soft cap: [`MemoryStore::trim`] has work.
+    pub fn needs_trim(&self) -> bool {
+        self.windows.len() > self.windows.soft_cap()
+            || self.requests.len() > self.requests.soft_cap()
+    }
+
+    /// Evicts the least recently used keys and records of a map past its
+    /// soft cap, so that inserts do not have to (see [`Bounded::trim`]).
+    pub fn trim(&self) {
+        self.windows.trim();
+        self.requests.trim();
+    }
+
     /// Drops idle keys and expired idempotency records. Run periodically.
     pub fn expire(&self, now_ms: i64, profile_span_ms: i64) {
         self.windows
@@ -998,10 +1011,34 @@ impl<V: Default + Marked> Bounded<V> {
         }
     }
 
+    /// Evicts down to nine tenths of the cap, inline: the insert that took
+    /// the map over its cap pays for it (when the background trim has not
+    /// kept up, see [`Bounded::trim`]).
     fn evict(&self) {
+        self.evict_over(self.cap);
+    }
+
+    /// The length past which [`Bounded::trim`] evicts: nineteen twentieths
+    /// of the cap.
+    fn soft_cap(&self) -> usize {
+        self.cap - self.cap / 20
+    }
+
+    /// Evicts down to nine tenths of the cap once the map is past its soft
+    /// cap. Run off the request path (the server's trimmer): at two million
+    /// keys one eviction walks them all, about a quarter of a second, which
+    /// an insert that took the map over its cap used to wait for, and with
+    /// it every request queued behind it on the same core. With the soft cap
+    /// a twentieth below the hard one, inserts reach the hard cap only if the
+    /// trimmer falls that far behind.
+    fn trim(&self) {
+        self.evict_over(self.soft_cap());
+    }
+
+    fn evict_over(&self, limit: usize) {
         let _sweep = self.sweeping.lock().unwrap_or_else(|e| e.into_inner());
         let len = self.len.load(Ordering::Acquire);
-        if len <= self.cap {
+        if len <= limit {
             return;
         }
         let keep = self.cap - self.cap / 10;
@@ -1231,5 +1268,29 @@ mod tests {
         assert!(map.map.len() <= 100);
         assert_eq!(map.read("hot", |v| v.copied()), Some(1001));
         assert!(map.evicted() >= 900);
+    }
+
+    #[test]
+    fn a_trim_past_the_soft_cap_leaves_inserts_nothing_to_evict() {
+        let map: Bounded<u32> = Bounded::new(1000);
+        for i in 0..950 {
+            map.update(&format!("k{i}"), |v| *v += 1);
+        }
+        map.trim();
+        assert_eq!(map.len(), 950, "at the soft cap: nothing to do yet");
+        map.update("k950", |v| *v += 1);
+        map.update("k0", |v| *v += 1);
+        map.trim();
+        // Down to nine tenths, the oldest first: k0 was just used again.
+        assert_eq!(map.len(), 900);
+        assert_eq!(map.read("k0", |v| v.copied()), Some(2));
+        assert_eq!(map.read("k1", |v| v.copied()), None);
+        assert_eq!(map.read("k950", |v| v.copied()), Some(1));
+        // The next 100 inserts stay under the cap without evicting.
+        let evicted = map.evicted();
+        for i in 0..100 {
+            map.update(&format!("n{i}"), |v| *v += 1);
+        }
+        assert_eq!((map.len(), map.evicted()), (1000, evicted));
     }
 }
