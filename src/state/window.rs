@@ -244,10 +244,15 @@ impl Many {
         // live entries, rebuild the log from the map (O(n log n) once per
         // n pushes at least).
         if self.log.len() > 2 * self.last.len() + LIST_MAX {
-            let mut log: Vec<(i64, u64)> = self.last.iter().map(|(v, t)| (*t, *v)).collect();
-            log.sort_unstable();
-            self.log = log.into();
+            self.rebuild_log();
         }
+    }
+
+    /// The log made afresh from the map: one entry per value, in time order.
+    fn rebuild_log(&mut self) {
+        let mut log: Vec<(i64, u64)> = self.last.iter().map(|(v, t)| (*t, *v)).collect();
+        log.sort_unstable();
+        self.log = log.into();
     }
 
     /// Forgets every value last seen before `from` (front of the log).
@@ -435,9 +440,7 @@ impl Distinct {
             let last = many.last.entry(v).or_insert(t);
             *last = (*last).max(t);
         }
-        let mut log: Vec<(i64, u64)> = many.last.iter().map(|(v, t)| (*t, *v)).collect();
-        log.sort_unstable();
-        many.log = log.into();
+        many.rebuild_log();
         Distinct {
             repr: Repr::Map(Box::new(many)),
         }
