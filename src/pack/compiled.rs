@@ -23,7 +23,7 @@
 
 use rhai::{Dynamic, Engine, Expr, FnCallExpr, ImmutableString, Scope, Stmt, AST};
 
-use super::fast::{Feature, Statuses};
+use super::fast::{Feature, Reader, Statuses};
 use super::script::{self, Ctx, Hit};
 use crate::decision::Action;
 
@@ -52,7 +52,7 @@ impl Value {
     }
 
     /// The value as a [`Scalar`], when it is a number or a boolean.
-    fn scalar(&self) -> Option<Scalar> {
+    pub(crate) fn scalar(&self) -> Option<Scalar> {
         match *self {
             Value::Bool(b) => Some(Scalar::Bool(b)),
             Value::Int(n) => Some(Scalar::Int(n)),
@@ -152,6 +152,10 @@ enum E {
     Const(Value),
     Local(usize),
     Feature(usize),
+    /// A number or boolean feature, read where it lies.
+    Read(Reader),
+    /// A comparison of numbers or booleans (see [`Cmp`]).
+    Cmp(Box<Cmp>),
     Interp(Vec<E>),
     Not(Box<E>),
     Neg(Box<E>),
@@ -180,6 +184,46 @@ struct Switch {
     default: Option<E>,
 }
 
+/// A comparison whose operands are numbers or booleans where they lie (a
+/// constant, a local, a feature): most conditions of a rule. Resolved when
+/// the rule compiles, it costs two reads and a compare, where the general
+/// path walks operand nodes and looks each feature up.
+#[derive(Debug)]
+struct Cmp {
+    op: BinOp,
+    a: Operand,
+    b: Operand,
+    /// The operands as written: a local can hold a string, which the
+    /// general path compares.
+    general: (E, E),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Operand {
+    Local(usize),
+    Read(Reader),
+}
+
+impl Operand {
+    fn of(e: &E) -> Option<Operand> {
+        match e {
+            E::Local(slot) => Some(Operand::Local(*slot)),
+            E::Read(r) => Some(Operand::Read(*r)),
+            E::Const(v) => Some(Operand::Read(Reader::Const(v.scalar()?))),
+            _ => None,
+        }
+    }
+
+    /// `None`: a local holding something else than a number or boolean.
+    #[inline]
+    fn read(self, f: &Frame) -> Option<Scalar> {
+        match self {
+            Operand::Read(r) => Some(r.read(f.ctx)),
+            Operand::Local(slot) => f.locals.get(slot)?.scalar(),
+        }
+    }
+}
+
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Program {
@@ -205,12 +249,15 @@ struct State<'a> {
     nodes: u64,
     /// String literals of the rule's source, for recovering `switch` cases.
     literals: &'a [String],
+    /// The pack's features, as far as this rule reads them.
+    features: &'a [Feature],
 }
 
 impl Compiler<'_> {
     /// Compiles a rule (its AST as rewritten for the fast path, and that
-    /// rewritten source), or `None` when it uses anything not handled here.
-    pub fn compile(&self, ast: &AST, source: &str) -> Option<Program> {
+    /// rewritten source, and the features it reads), or `None` when it uses
+    /// anything not handled here.
+    pub fn compile(&self, ast: &AST, source: &str, features: &[Feature]) -> Option<Program> {
         if ast.has_functions() {
             return None;
         }
@@ -221,6 +268,7 @@ impl Compiler<'_> {
             slots: 0,
             nodes: 0,
             literals: &literals,
+            features,
         };
         let body = st.block(ast.statements())?;
         // Each node is at most a handful of Rhai operations: far from the
@@ -337,7 +385,13 @@ impl State<'_> {
                 let name = v.1.as_str();
                 match self.scope.iter().rev().find(|(n, _)| n == name) {
                     Some((_, slot)) => E::Local(*slot),
-                    None => E::Feature(name.strip_prefix(self.c.prefix)?.parse::<usize>().ok()?),
+                    None => {
+                        let i = name.strip_prefix(self.c.prefix)?.parse::<usize>().ok()?;
+                        match self.features.get(i).and_then(Feature::reader) {
+                            Some(r) => E::Read(r),
+                            None => E::Feature(i),
+                        }
+                    }
                 }
             }
             Expr::And(x, _) => E::And(x.iter().map(|e| self.expr(e)).collect::<Option<_>>()?),
@@ -407,6 +461,16 @@ impl State<'_> {
 fn bin(op: BinOp, args: Vec<E>) -> Option<E> {
     let mut args = args.into_iter();
     let (a, b) = (args.next()?, args.next()?);
+    if op.compares() {
+        if let (Some(x), Some(y)) = (Operand::of(&a), Operand::of(&b)) {
+            return Some(E::Cmp(Box::new(Cmp {
+                op,
+                a: x,
+                b: y,
+                general: (a, b),
+            })));
+        }
+    }
     Some(E::Bin(op, Box::new(a), Box::new(b)))
 }
 
@@ -521,6 +585,7 @@ impl Frame<'_> {
             E::Const(v) => v.scalar(),
             E::Local(slot) => self.locals.get(*slot)?.scalar(),
             E::Feature(i) => self.defs.get(*i)?.scalar(self.ctx),
+            E::Read(r) => Some(r.read(self.ctx)),
             _ => None,
         }
     }
@@ -664,9 +729,19 @@ fn stmt(s: &S, f: &mut Frame) -> Eval {
 
 /// An expression that must be a boolean (an `if`, `&&`, `||`, `!`
 /// operand): Rhai's type mismatch otherwise.
+///
+/// Only the common nodes are here, so that this function, called for
+/// every condition, stays small; the rest is [`truth_general`].
 fn truth(e: &E, f: &mut Frame) -> Result<bool, Stop> {
     match e {
-        E::Bin(op, a, b) if op.compares() => compare_in_place(*op, a, b, f),
+        E::Cmp(c) => match (c.a.read(f), c.b.read(f)) {
+            (Some(x), Some(y)) => compare_scalars(c.op, x, y).ok_or(Stop::Bail),
+            _ => truth_general(e, f),
+        },
+        E::Read(r) => match r.read(f.ctx) {
+            Scalar::Bool(b) => Ok(b),
+            _ => Err(Stop::Bail),
+        },
         E::And(xs) => {
             for x in xs {
                 if !truth(x, f)? {
@@ -684,6 +759,15 @@ fn truth(e: &E, f: &mut Frame) -> Result<bool, Stop> {
             Ok(false)
         }
         E::Not(x) => Ok(!truth(x, f)?),
+        e => truth_general(e, f),
+    }
+}
+
+#[inline(never)]
+fn truth_general(e: &E, f: &mut Frame) -> Result<bool, Stop> {
+    match e {
+        E::Cmp(c) => compare_in_place(c.op, &c.general.0, &c.general.1, f),
+        E::Bin(op, a, b) if op.compares() => compare_in_place(*op, a, b, f),
         e if simple(e) => {
             if let Some(Scalar::Bool(b)) = f.scalar(e) {
                 return Ok(b);
@@ -744,6 +828,8 @@ fn eval(e: &E, f: &mut Frame) -> Eval {
     Ok(match e {
         E::Const(v) => v.clone(),
         E::Local(slot) => f.locals[*slot].clone(),
+        E::Read(r) => r.read(f.ctx).into(),
+        E::Cmp(_) => Value::Bool(truth(e, f)?),
         E::Feature(_) => {
             f.ready(e)?;
             f.peek(e).clone()

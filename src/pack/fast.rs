@@ -84,6 +84,31 @@ pub enum Feature {
     TravelKmh,
 }
 
+/// Where the value of a number or boolean feature lies (see
+/// [`Feature::reader`]): small and `Copy`, so a compiled condition holds its
+/// operands' readers and reads them directly.
+#[derive(Debug, Clone, Copy)]
+pub enum Reader {
+    /// A parameter's value.
+    Const(Scalar),
+    Window(usize),
+    List(usize),
+    /// A field of the request, account, location or profile.
+    Field(fn(&Ctx) -> Scalar),
+}
+
+impl Reader {
+    #[inline]
+    pub fn read(self, ctx: &Ctx) -> Scalar {
+        match self {
+            Reader::Const(s) => s,
+            Reader::Window(i) => Scalar::Int(ctx.windows[i]),
+            Reader::List(i) => Scalar::Bool(ctx.lists[i]),
+            Reader::Field(get) => get(ctx),
+        }
+    }
+}
+
 impl Feature {
     /// The feature `namespace.name` reads, when the engine knows it.
     pub fn parse(namespace: &str, name: &str, names: &Names) -> Option<Feature> {
@@ -158,35 +183,37 @@ impl Feature {
     /// The value of a number or boolean feature (a field read: compiled
     /// rules read these in place, uncached); `None` for the others.
     pub fn scalar(&self, ctx: &Ctx) -> Option<Scalar> {
+        Some(self.reader()?.read(ctx))
+    }
+
+    /// Where a number or boolean feature lies, for the others `None`.
+    /// Compiled rules resolve this once, when the pack loads, and then read
+    /// the value with no match on the feature.
+    pub fn reader(&self) -> Option<Reader> {
         use Feature::*;
         use Scalar::{Bool, Float, Int};
-        let r = &ctx.recharge;
-        let f = &r.facts;
-        let p = &ctx.profile;
         Some(match self {
-            Window(i) => Int(ctx.windows[*i]),
-            List(i) => Bool(ctx.lists[*i]),
-            Allowlisted => Bool(ctx.allowlisted),
-            Param(_, Value::Int(n)) => Int(*n),
-            Param(_, Value::Bool(b)) => Bool(*b),
-            Param(_, Value::Float(x)) => Float(*x),
-            Amount => Int(f.amount),
-            TimestampMs => Int(f.timestamp_ms),
-            IsIpv6 => Bool(r.ip.is_ipv6()),
-            RealNameVerified => Bool(r.account.real_name_verified),
-            CreatedAtMs => Int(r.account.created_at_ms),
-            HasPurchaseHistory => Bool(r.account.has_purchase_history),
-            AgeDays => Float(script::age_days(ctx)),
-            Known => Bool(ctx.location.is_some()),
-            Latitude => Float(script::latitude(ctx)),
-            Longitude => Float(script::longitude(ctx)),
-            LocatedEvents => Int(p.located_events),
-            UsualRegion => Bool(p.usual_region),
-            UsualRegions => Int(p.usual_regions),
-            LastLoginNewRegion => Bool(p.last_login_new_region),
-            SecsSinceLogin => Int(p.secs_since_login),
-            TravelKm => Float(p.travel_km),
-            TravelKmh => Float(p.travel_kmh),
+            Window(i) => Reader::Window(*i),
+            List(i) => Reader::List(*i),
+            Param(_, v) => Reader::Const(v.scalar()?),
+            Allowlisted => Reader::Field(|c| Bool(c.allowlisted)),
+            Amount => Reader::Field(|c| Int(c.recharge.facts.amount)),
+            TimestampMs => Reader::Field(|c| Int(c.recharge.facts.timestamp_ms)),
+            IsIpv6 => Reader::Field(|c| Bool(c.recharge.ip.is_ipv6())),
+            RealNameVerified => Reader::Field(|c| Bool(c.recharge.account.real_name_verified)),
+            CreatedAtMs => Reader::Field(|c| Int(c.recharge.account.created_at_ms)),
+            HasPurchaseHistory => Reader::Field(|c| Bool(c.recharge.account.has_purchase_history)),
+            AgeDays => Reader::Field(|c| Float(script::age_days(c))),
+            Known => Reader::Field(|c| Bool(c.location.is_some())),
+            Latitude => Reader::Field(|c| Float(script::latitude(c))),
+            Longitude => Reader::Field(|c| Float(script::longitude(c))),
+            LocatedEvents => Reader::Field(|c| Int(c.profile.located_events)),
+            UsualRegion => Reader::Field(|c| Bool(c.profile.usual_region)),
+            UsualRegions => Reader::Field(|c| Int(c.profile.usual_regions)),
+            LastLoginNewRegion => Reader::Field(|c| Bool(c.profile.last_login_new_region)),
+            SecsSinceLogin => Reader::Field(|c| Int(c.profile.secs_since_login)),
+            TravelKm => Reader::Field(|c| Float(c.profile.travel_km)),
+            TravelKmh => Reader::Field(|c| Float(c.profile.travel_kmh)),
             _ => return None,
         })
     }
@@ -651,7 +678,7 @@ fn fast_rule(
         engine
             .compile_with_scope(&scope, &rewritten)
             .ok()
-            .and_then(|bare| compiler.compile(&bare, &rewritten))
+            .and_then(|bare| compiler.compile(&bare, &rewritten, features))
     };
     Some(FastRule {
         ast,
@@ -963,9 +990,12 @@ file = "block.txt"
             ("types", "if request.amount == 100 { request.amount == \"100\" } else { () }", ""),
             ("switch", "switch account.status { \"frozen\" if request.amount > 950 => block(\"F1\", \"f\"), \"frozen\" => challenge(\"F2\", \"g\").ask(\"sms\"), \"active\" => { let s = `${account.status}!`; flag(\"ACT\", s) }, _ => () }", ""),
             ("nested", "let n = 1; if window.w > 0 { let n = n + 1; if n == 2 { return flag(\"NESTED\", `${n}`); } } flag(\"OUTER\", `${n}`)", ""),
+            // Locals compared as numbers where they hold numbers, and as
+            // strings where they hold strings (the general path).
+            ("locals", "let a = request.target; let b = request.channel; let n = request.amount; let v = list.b; if a != b && b >= a && n >= window.w && (v == list.b) { flag(\"LOCALS\", `${a}${n}`) }", ""),
         ]);
         let (compiled, _, _) = p.fast_coverage();
-        assert_eq!(compiled, 10);
+        assert_eq!(compiled, 11);
         let verdicts = agree(&p);
         // Only where Rhai has an error to report (or an operator on types
         // not compiled) does a compiled rule hand over.
@@ -987,6 +1017,7 @@ file = "block.txt"
         assert!(codes.iter().flatten().any(|c| *c == "F1"), "{codes:?}");
         assert!(codes.iter().flatten().any(|c| *c == "ACT"), "{codes:?}");
         assert!(codes.iter().flatten().any(|c| *c == "NESTED"), "{codes:?}");
+        assert!(codes.iter().flatten().any(|c| *c == "LOCALS"), "{codes:?}");
         // The overflow, the division by zero and the comparison of an int
         // with a string are Rhai's to report (or not).
         let errors: Vec<String> = verdicts
