@@ -23,6 +23,9 @@
 //!   evaluation, as before the fast path), for a before/after in one run.
 //! - `decision/engine_evaluate`: `Engine::evaluate` itself on a current-thread
 //!   runtime (one `block_on` per 256 decisions), to show the mirror is faithful.
+//! - `decision/engine_threads` (only with `RISKGATE_BENCH_THREADS=K`, see
+//!   [`threads`]): `Engine::evaluate` on one thread and on K threads sharing
+//!   one engine, for what threads add to a decision.
 //! - `decision/rules_only_rhai` / `_native`: `Pack::run` / `Native::run` alone
 //!   on contexts sampled from the check (real window values, the same mix);
 //!   `rules_only_rhai_rule_by_rule`: `Pack::run_rule_by_rule`.
@@ -188,7 +191,13 @@ fn main() {
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
     {
-        fixed(&setup, n);
+        match std::env::var("RISKGATE_BENCH_THREADS")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+        {
+            Some(k) => threads(&setup, n, k.max(1)),
+            None => fixed(&setup, n),
+        }
         return;
     }
     let mut c = Criterion::default().configure_from_args();
@@ -280,6 +289,93 @@ fn fixed(setup: &Setup, n: u64) {
             t.sort();
             eprintln!("{name}: median {:?} of {} rounds", t[t.len() / 2], t.len());
         }
+    }
+}
+
+/// `RISKGATE_BENCH_THREADS=K` with `RISKGATE_BENCH_ITERS=N`: `Engine::evaluate`
+/// on one thread, then on K threads sharing one engine and one store, each
+/// deciding N recharges (dealt in turn from one stream, so users, devices and
+/// retries cross threads as they would across a server's cores), alternating
+/// for `RISKGATE_BENCH_ROUNDS` rounds, each on a freshly warmed store. It
+/// prints the time per decision on each thread: what K threads add to a
+/// decision (shared reference counts, locks, cache lines moving between
+/// cores) is the difference, measurable on any machine with K cores.
+fn threads(setup: &Setup, n: u64, k: usize) {
+    let rounds: usize = std::env::var("RISKGATE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let mut per: std::collections::BTreeMap<usize, Vec<Duration>> = Default::default();
+    for round in 1..=rounds {
+        for t in [1, k] {
+            let Epoch {
+                mut traffic,
+                engine,
+                ..
+            } = setup.epoch();
+            let mut lists: Vec<Vec<riskgate::model::Recharge>> = vec![Vec::new(); t];
+            let mut dealt = 0usize;
+            while dealt < t * n as usize {
+                if let native::Step::Recharge(r) = traffic.next_step() {
+                    lists[dealt % t].push(r);
+                    dealt += 1;
+                }
+            }
+            let start = std::sync::Barrier::new(t);
+            let took: Vec<Duration> = std::thread::scope(|s| {
+                let workers: Vec<_> = lists
+                    .into_iter()
+                    .map(|list| {
+                        let (engine, start) = (&engine, &start);
+                        s.spawn(move || {
+                            let rt = tokio::runtime::Builder::new_current_thread()
+                                .build()
+                                .expect("a tokio runtime");
+                            start.wait();
+                            let began = Instant::now();
+                            let mut list = list.into_iter();
+                            loop {
+                                let batch: Vec<_> = list.by_ref().take(256).collect();
+                                if batch.is_empty() {
+                                    break;
+                                }
+                                rt.block_on(async {
+                                    for r in batch {
+                                        black_box(engine.evaluate(r).await.expect("decided"));
+                                    }
+                                });
+                            }
+                            began.elapsed()
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| w.join().expect("a worker"))
+                    .collect()
+            });
+            let each: Vec<String> = took
+                .iter()
+                .map(|d| format!("{:?}", *d / n.max(1) as u32))
+                .collect();
+            let slowest = took.iter().max().copied().unwrap_or_default();
+            eprintln!(
+                "decision/engine_threads: {t} thread(s) x {n} decisions, per decision {} ({:.0} decisions/s in all, round {round})",
+                each.join(" / "),
+                (t as u64 * n) as f64 / slowest.as_secs_f64()
+            );
+            per.entry(t)
+                .or_default()
+                .extend(took.iter().map(|d| *d / n.max(1) as u32));
+        }
+    }
+    for (t, mut d) in per {
+        d.sort();
+        eprintln!(
+            "decision/engine_threads: {t} thread(s): median {:?} per decision per thread, of {}",
+            d[d.len() / 2],
+            d.len()
+        );
     }
 }
 
