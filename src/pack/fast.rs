@@ -93,7 +93,8 @@ pub enum Reader {
     Const(Scalar),
     Window(usize),
     List(usize),
-    /// A field of the request, account, location or profile.
+    /// A field of the request, account, location or profile, or whether
+    /// an allow list matched.
     Field(fn(&Ctx) -> Scalar),
 }
 
