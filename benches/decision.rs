@@ -115,10 +115,7 @@ impl Setup {
         let geo = demo_geo();
         let native = Arc::new(Native::new(&pack));
         let started = Instant::now();
-        let steps = std::env::var("RISKGATE_BENCH_CHECK_STEPS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(CHECK_STEPS);
+        let steps = env_number("RISKGATE_BENCH_CHECK_STEPS").unwrap_or(CHECK_STEPS);
         let checked = check(&pack, &geo, &native, steps);
         report_check(&checked, started.elapsed());
         let (compiled, merged, alone) = pack.fast_coverage();
@@ -185,16 +182,15 @@ fn report_check(c: &Checked, took: Duration) {
     );
 }
 
+/// A number from the environment, when set and well formed.
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
 fn main() {
     let setup = Setup::new();
-    if let Some(n) = std::env::var("RISKGATE_BENCH_ITERS")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        match std::env::var("RISKGATE_BENCH_THREADS")
-            .ok()
-            .and_then(|s| s.parse::<usize>().ok())
-        {
+    if let Some(n) = env_number::<u64>("RISKGATE_BENCH_ITERS") {
+        match env_number::<usize>("RISKGATE_BENCH_THREADS") {
             Some(k) => threads(&setup, n, k.max(1)),
             None => fixed(&setup, n),
         }
@@ -218,10 +214,7 @@ fn fixed(setup: &Setup, n: u64) {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let rounds: usize = std::env::var("RISKGATE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let rounds: usize = env_number("RISKGATE_BENCH_ROUNDS").unwrap_or(1);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("a tokio runtime");
@@ -301,10 +294,7 @@ fn fixed(setup: &Setup, n: u64) {
 /// decision (shared reference counts, locks, cache lines moving between
 /// cores) is the difference, measurable on any machine with K cores.
 fn threads(setup: &Setup, n: u64, k: usize) {
-    let rounds: usize = std::env::var("RISKGATE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let rounds: usize = env_number("RISKGATE_BENCH_ROUNDS").unwrap_or(1);
     let mut per: std::collections::BTreeMap<usize, Vec<Duration>> = Default::default();
     for round in 1..=rounds {
         for t in [1, k] {
