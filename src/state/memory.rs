@@ -6,14 +6,15 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use dashmap::DashMap;
+use smallvec::SmallVec;
 
 use super::profile::{Profile, ProfileView};
 use super::snapshot::{self, Put, Section, SnapshotError, SnapshotStats};
 use super::window::{Distinct, Series, Shape};
-use super::{Aggregate, Begun, Conflict, Counts, Touch, Window, WindowPlan};
+use super::{fnv1a, Aggregate, Begun, Conflict, Counts, KeyGroup, Touch, Window, WindowPlan};
 use crate::decision::{Action, Decision};
 use crate::geo::Location;
-use crate::model::{Facts, Login, OutcomeKind, Recharge};
+use crate::model::{Facts, Field, Login, OutcomeKind, Recharge};
 
 /// Limits of the in-memory store.
 #[derive(Debug, Clone)]
@@ -165,15 +166,17 @@ enum Agg {
 }
 
 impl Slot {
-    fn find(&mut self, w: &Window) -> Option<&mut Agg> {
+    /// The state kept under signature `sig` (see [`Home`]).
+    fn find(&mut self, sig: u64) -> Option<&mut Agg> {
         self.windows
             .iter_mut()
-            .find(|(sig, _, _)| *sig == w.sig)
+            .find(|(s, _, _)| *s == sig)
             .map(|(_, _, agg)| agg)
     }
 
-    fn agg(&mut self, w: &Window) -> &mut Agg {
-        let at = match self.windows.iter().position(|(sig, _, _)| *sig == w.sig) {
+    /// The state of window `w` kept under `sig`, created when absent.
+    fn agg(&mut self, w: &Window, sig: u64) -> &mut Agg {
+        let at = match self.windows.iter().position(|(s, _, _)| *s == sig) {
             Some(at) => at,
             None => {
                 let agg = match w.aggregate {
@@ -184,7 +187,7 @@ impl Slot {
                     // A step at a time (see `make_room` for new keys).
                     self.windows.reserve_exact((self.windows.len() / 2).max(1));
                 }
-                self.windows.push((w.sig, w.shape.span_ms, agg));
+                self.windows.push((sig, w.shape.span_ms, agg));
                 self.windows.len() - 1
             }
         };
@@ -210,14 +213,23 @@ impl Slot {
         }
     }
 
-    fn is_idle(&self, now_ms: i64, profile_span_ms: i64) -> bool {
-        self.profile
-            .as_ref()
-            .is_none_or(|p| p.is_idle(now_ms, profile_span_ms))
-            && self.windows.iter().all(|(_, span, agg)| match agg {
-                Agg::Series(s) => s.is_idle(Shape::new(*span), now_ms),
-                Agg::Distinct(d) => d.is_idle(Shape::new(*span), now_ms),
-            })
+    /// Drops the windows that are idle at `now_ms` (every one of them
+    /// reads 0 by then) and says whether nothing live is left. A user's
+    /// slot needs the first part: it lives as long as the profile, and
+    /// gathers a window per order of its user (see [`Home`]).
+    fn expire(&mut self, now_ms: i64, profile_span_ms: i64) -> bool {
+        self.windows.retain(|(_, span, agg)| match agg {
+            Agg::Series(s) => !s.is_idle(Shape::new(*span), now_ms),
+            Agg::Distinct(d) => !d.is_idle(Shape::new(*span), now_ms),
+        });
+        if self.windows.capacity() > 2 * self.windows.len() + 4 {
+            self.windows.shrink_to_fit();
+        }
+        self.windows.is_empty()
+            && self
+                .profile
+                .as_ref()
+                .is_none_or(|p| p.is_idle(now_ms, profile_span_ms))
     }
 }
 
@@ -405,33 +417,27 @@ impl MemoryStore {
     /// Takes a request's reservation back out of every `allowed` window.
     fn release(&self, plan: &WindowPlan, facts: &Facts) {
         with_key(|key| {
-            for group in &plan.groups {
-                let releasing = group
-                    .windows
-                    .iter()
-                    .any(|&i| plan.windows[i].releases(facts));
-                if !releasing || !group.key(facts, key) {
-                    continue;
+            for_each_home(plan, facts, key, |key, held, _| {
+                let releases = |&(i, _): &(usize, u64)| plan.windows[i].releases(facts);
+                if !held.windows().any(|h| releases(&h)) {
+                    return;
                 }
                 self.windows.read_mut(key, |slot| {
                     let Some(slot) = slot else { return };
-                    for &i in &group.windows {
+                    for (i, sig) in held.windows().filter(releases) {
                         let w = &plan.windows[i];
-                        if !w.releases(facts) {
-                            continue;
-                        }
-                        if let Some(Agg::Series(s)) = slot.find(w) {
+                        if let Some(Agg::Series(s)) = slot.find(sig) {
                             s.remove(w.shape, facts.timestamp_ms, w.delta(facts));
                         }
                     }
                 });
-            }
+            })
         })
     }
 
-    /// Visits every key group of the plan: one lock per key, during which each
-    /// window of the key is recorded and/or read as `how` says. Under the
-    /// user's key (a group on `user_id` alone), `on_user` sees the slot too.
+    /// Visits every key the request's windows live under: one lock per key,
+    /// during which each window there is recorded and/or read as `how`
+    /// says. Under the user's key, `on_user` sees the slot too.
     fn touch_windows(
         &self,
         plan: &WindowPlan,
@@ -443,23 +449,18 @@ impl MemoryStore {
         // This thread's key buffer: every request builds several keys.
         with_key(|key| {
             let ts = facts.timestamp_ms;
-            for group in &plan.groups {
-                if !group.key(facts, key) {
-                    continue;
-                }
-                let records = group
-                    .windows
-                    .iter()
-                    .filter(|&&i| matches!(how(&plan.windows[i]), Touch::Record(_)))
+            for_each_home(plan, facts, key, |key, held, user| {
+                let records = held
+                    .windows()
+                    .filter(|&(i, _)| matches!(how(&plan.windows[i]), Touch::Record(_)))
                     .count();
-                let user = group.prefix == USER_PREFIX;
                 let mut visit = |mut slot: Option<&mut Slot>, values: &mut [i64]| {
                     if let Some(slot) = slot.as_deref_mut() {
                         slot.make_room(records);
                     }
-                    for &i in &group.windows {
+                    for (i, sig) in held.windows() {
                         let w = &plan.windows[i];
-                        values[i] = touch(slot.as_deref_mut(), w, how(w), ts);
+                        values[i] = touch(slot.as_deref_mut(), w, sig, how(w), ts);
                     }
                     if user {
                         on_user(slot);
@@ -470,7 +471,7 @@ impl MemoryStore {
                 } else {
                     self.windows.read_mut(key, |slot| visit(slot, values));
                 }
-            }
+            })
         })
     }
 
@@ -490,7 +491,7 @@ impl MemoryStore {
     /// Drops idle keys and expired idempotency records. Run periodically.
     pub fn expire(&self, now_ms: i64, profile_span_ms: i64) {
         self.windows
-            .retain(|slot| !slot.is_idle(now_ms, profile_span_ms));
+            .retain_mut(|slot| !slot.expire(now_ms, profile_span_ms));
         let ttl = self.limits.idempotency_ttl_ms;
         self.requests
             .retain(|e| e.as_ref().is_some_and(|e| e.created_ms + ttl > now_ms));
@@ -729,22 +730,109 @@ fn get_idem(r: &mut snapshot::Reader, key: &str) -> Result<IdemEntry, SnapshotEr
     })
 }
 
-/// Records into and/or reads one window of one key. Reads of a window the
-/// key never recorded into create nothing.
-fn touch(slot: Option<&mut Slot>, w: &Window, how: Touch, ts: i64) -> i64 {
+/// Where a group's windows live in memory.
+///
+/// Most groups have a key of their own: "ip\x1f192.0.2.1" holds every window
+/// on `ip`. A group led by `user_id` with more fields after it (the shipped
+/// `same_order_10m` on user, target and amount) lives in the user's slot
+/// instead, each of its windows under a signature of the window's and the
+/// rest of the key's: such a key is new on nearly every request (one per
+/// order), and as a key of its own each cost a map insert, a heap key and
+/// a slot, where in the user's slot, already locked for the user's windows,
+/// it costs an entry in a short list. Expiry drops the entry once idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Home {
+    Own,
+    User,
+}
+
+impl Home {
+    fn of(group: &KeyGroup) -> Home {
+        if group.fields.first() == Some(&Field::UserId) {
+            Home::User
+        } else {
+            Home::Own
+        }
+    }
+}
+
+/// The windows one key holds for one request: per group, its windows and
+/// the hash of the rest of its key (0 for a group with a key of its own,
+/// whose windows go by their own signatures; see [`Home`]).
+struct Held<'p> {
+    plan: &'p WindowPlan,
+    parts: SmallVec<[(&'p [usize], u64); 4]>,
+}
+
+impl<'p> Held<'p> {
+    /// (index in the plan, signature in the slot) of each window held.
+    fn windows(&self) -> impl Iterator<Item = (usize, u64)> + use<'_, 'p> {
+        self.parts.iter().flat_map(move |&(windows, rest)| {
+            windows.iter().map(move |&i| {
+                let sig = self.plan.windows[i].sig;
+                match rest {
+                    0 => (i, sig),
+                    _ => (i, fnv1a(&[&sig.to_le_bytes(), &rest.to_le_bytes()])),
+                }
+            })
+        })
+    }
+}
+
+/// Calls `visit(key, held, user)` once per key that holds windows of the
+/// plan, for the request's facts; `user` is true for the user's key (which
+/// [`Home::User`] groups share, see [`Home`]). Groups with an empty field
+/// do not apply. `key` is the buffer the keys are built in.
+fn for_each_home<'p>(
+    plan: &'p WindowPlan,
+    facts: &Facts,
+    key: &mut String,
+    mut visit: impl FnMut(&str, &Held<'p>, bool),
+) {
+    let mut user = Held {
+        plan,
+        parts: SmallVec::new(),
+    };
+    for group in &plan.groups {
+        if !group.key(facts, key) {
+            continue;
+        }
+        let windows = group.windows.as_slice();
+        if Home::of(group) == Home::Own {
+            let mut parts = SmallVec::new();
+            parts.push((windows, 0));
+            visit(key, &Held { plan, parts }, false);
+        } else if group.fields.len() == 1 {
+            user.parts.push((windows, 0));
+        } else {
+            // Never 0 in practice, and 1 in its place would do as well.
+            let rest = fnv1a(&[key.as_bytes()]).max(1);
+            user.parts.push((windows, rest));
+        }
+    }
+    if !user.parts.is_empty() {
+        user_key(&facts.user_id, key);
+        visit(key, &user, true);
+    }
+}
+
+/// Records into and/or reads one window of one key, kept there under `sig`
+/// (see [`Home`]). Reads of a window the key never recorded into create
+/// nothing.
+fn touch(slot: Option<&mut Slot>, w: &Window, sig: u64, how: Touch, ts: i64) -> i64 {
     let distinct = matches!(w.aggregate, Aggregate::Distinct(_));
     match (slot, how) {
-        (Some(slot), Touch::Record(d)) => match slot.agg(w) {
+        (Some(slot), Touch::Record(d)) => match slot.agg(w, sig) {
             Agg::Series(s) => s.add(w.shape, ts, d),
             Agg::Distinct(s) => s.add(w.shape, ts, d as u64),
         },
-        (Some(slot), Touch::Include(d)) => match slot.find(w) {
+        (Some(slot), Touch::Include(d)) => match slot.find(sig) {
             Some(Agg::Series(s)) => s.value(w.shape, ts) + d,
             Some(Agg::Distinct(s)) => s.value_with(w.shape, ts, Some(d as u64)),
             None if distinct => 1,
             None => d,
         },
-        (Some(slot), Touch::Read) => match slot.find(w) {
+        (Some(slot), Touch::Read) => match slot.find(sig) {
             Some(Agg::Series(s)) => s.value(w.shape, ts),
             Some(Agg::Distinct(s)) => s.value(w.shape, ts),
             None => 0,
@@ -1056,7 +1144,13 @@ impl<V: Default + Marked> Bounded<V> {
         self.remove_where(|e| !keep(&e.value));
     }
 
-    fn remove_where(&self, remove: impl Fn(&Stamped<V>) -> bool) {
+    /// [`Bounded::retain`] where `keep` may also trim what it keeps (but
+    /// not change whether it is marked).
+    fn retain_mut(&self, keep: impl Fn(&mut V) -> bool) {
+        self.remove_where(|e| !keep(&mut e.value));
+    }
+
+    fn remove_where(&self, remove: impl Fn(&mut Stamped<V>) -> bool) {
         let (mut removed, mut marked) = (0usize, 0usize);
         self.map.retain(|_, e| {
             let gone = remove(e);
@@ -1089,6 +1183,12 @@ mod tests {
     use crate::state::KeyGroup;
 
     impl Marked for u32 {}
+
+    impl MemoryStore {
+        fn with_slot<R>(&self, key: &str, f: impl FnOnce(Option<&Slot>) -> R) -> R {
+            self.windows.read(key, f)
+        }
+    }
 
     fn plan() -> WindowPlan {
         WindowPlan {
@@ -1223,6 +1323,83 @@ mod tests {
         store.expire(1_000 + span + 1, span);
         let stats = store.stats();
         assert_eq!((stats.window_keys, stats.profiles), (0, 0));
+    }
+
+    /// A plan with a window on (user, target) and one on the user alone.
+    fn plan_with_orders() -> WindowPlan {
+        let window = |name: &str, sig, span_ms, group| Window {
+            name: name.into(),
+            sig,
+            shape: Shape::new(span_ms),
+            aggregate: Aggregate::Count,
+            counts: Counts::Allowed,
+            min_amount: 0,
+            group,
+        };
+        WindowPlan {
+            windows: vec![
+                window("same_order", 7, 600_000, 0),
+                window("per_user", 1, 3_600_000, 1),
+            ],
+            groups: vec![
+                KeyGroup {
+                    fields: vec![Field::UserId, Field::Target],
+                    prefix: "user_id+target".into(),
+                    windows: vec![0],
+                },
+                KeyGroup {
+                    fields: vec![Field::UserId],
+                    prefix: "user_id".into(),
+                    windows: vec![1],
+                },
+            ],
+            profile_span_ms: 30 * 86_400_000,
+        }
+    }
+
+    fn order(user: &str, target: &str, ts: i64) -> Recharge {
+        let mut r = recharge(user, ts);
+        r.facts.target = target.into();
+        r
+    }
+
+    #[test]
+    fn windows_led_by_the_user_live_in_the_users_key() {
+        let store = MemoryStore::new(MemoryLimits::default());
+        let plan = plan_with_orders();
+        let begin = |r: &Recharge| store.begin(&plan, r, None, true).windows;
+        assert_eq!(begin(&order("u1", "phone-1", 0)), [1, 1]);
+        assert_eq!(begin(&order("u1", "phone-1", 1_000)), [2, 2]);
+        assert_eq!(
+            begin(&order("u1", "phone-2", 2_000)),
+            [1, 3],
+            "another order"
+        );
+        assert_eq!(
+            begin(&order("u2", "phone-1", 3_000)),
+            [1, 1],
+            "another user"
+        );
+        assert_eq!(store.stats().window_keys, 2, "one key per user, no more");
+
+        // A block takes the reservation back out of both windows.
+        let third = order("u1", "phone-1", 4_000);
+        assert_eq!(begin(&third), [3, 4]);
+        store.settle(&plan, &third.facts, Action::Block, false, None);
+        let read = store.begin(&plan, &order("u1", "phone-1", 5_000), None, false);
+        assert_eq!(read.windows, [3, 4], "2 + this one; 3 + this one");
+
+        // An empty field: the (user, target) window does not apply.
+        assert_eq!(begin(&order("u3", "", 6_000)), [0, 1]);
+
+        // Past the order window's span its entries go, the user's stay.
+        store.expire(700_000, plan.profile_span_ms);
+        assert_eq!(store.stats().window_keys, 3);
+        let read = store.begin(&plan, &order("u1", "phone-1", 700_000), None, false);
+        assert_eq!(read.windows, [1, 4]);
+        store.with_slot("user_id\x1fu1", |slot| {
+            assert_eq!(slot.map(|s| s.windows.len()), Some(1), "only per_user left");
+        });
     }
 
     #[test]
