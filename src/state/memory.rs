@@ -104,7 +104,8 @@ pub struct StoreStats {
 pub struct MemoryStore {
     /// Window keys; a user's key ("user_id\x1fU") also holds the user's
     /// profile, so a request that reads the user's windows finds the profile
-    /// under the same lock, with no lookup of its own.
+    /// under the same lock, with no lookup of its own, and the windows of
+    /// groups keyed by the user and more fields (see [`Home`]).
     windows: Bounded<Slot>,
     requests: Bounded<Option<Arc<IdemEntry>>>,
     limits: MemoryLimits,
