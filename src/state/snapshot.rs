@@ -1081,7 +1081,8 @@ mod tests {
         }
     }
 
-    /// Per user: a count, a sum and distinct devices; per device: a count.
+    /// Per user: a count, a sum and distinct devices; per device: a count;
+    /// per user and target (an order): a count.
     fn plan() -> WindowPlan {
         WindowPlan {
             windows: vec![
@@ -1095,6 +1096,7 @@ mod tests {
                     0,
                 ),
                 window("device_10m", 14, 10 * MIN, Aggregate::Count, 1),
+                window("order_10m", 15, 10 * MIN, Aggregate::Count, 2),
             ],
             groups: vec![
                 KeyGroup {
@@ -1106,6 +1108,12 @@ mod tests {
                     fields: vec![Field::DeviceId],
                     prefix: "device_id".into(),
                     windows: vec![3],
+                },
+                // Kept in the user's key (see `memory::Home`).
+                KeyGroup {
+                    fields: vec![Field::UserId, Field::Target],
+                    prefix: "user_id+target".into(),
+                    windows: vec![4],
                 },
             ],
             profile_span_ms: 30 * DAY,
@@ -1245,8 +1253,12 @@ mod tests {
         let next = recharge("r5", "u1", "d2", 60_000, t0 + 5 * MIN);
         let before = a.begin(&plan, &next, Some(&loc), false);
         let after = b.begin(&plan, &next, Some(&loc), false);
-        assert_eq!(after.windows, [6, 310_000, 3, 1]);
+        assert_eq!(after.windows, [6, 310_000, 3, 1, 6]);
         assert_eq!(after.windows, before.windows);
+        // The order window came back in u1's key; another order is new.
+        let mut other = next.clone();
+        other.facts.target = "13900000000".into();
+        assert_eq!(b.begin(&plan, &other, None, false).windows[4], 1);
         assert_eq!(after.profile, before.profile);
         assert_eq!(after.profile.located_events, 5);
         assert!(after.profile.usual_region);
