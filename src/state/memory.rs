@@ -203,6 +203,30 @@ impl Slot {
         }
     }
 
+    /// Keeps a user's slot within [`SLOT_WINDOWS`] entries with room for
+    /// `room` more: the user's own windows (`own`) always stay; of the rest
+    /// (one per order, see [`Home`], and windows of older packs), first the
+    /// idle ones go, then the oldest. A user who sends order after distinct
+    /// order would otherwise grow the list, and the scan every request of
+    /// theirs makes under the shard lock, without bound; with the cap only
+    /// the oldest orders' windows are forgotten, and none of the windows the
+    /// user is judged by (amounts, bursts) can be pushed out.
+    fn shed(&mut self, own: impl Fn(u64) -> bool, now_ms: i64, room: usize) {
+        self.windows.retain(|(sig, span, agg)| {
+            own(*sig)
+                || match agg {
+                    Agg::Series(s) => !s.is_idle(Shape::new(*span), now_ms),
+                    Agg::Distinct(d) => !d.is_idle(Shape::new(*span), now_ms),
+                }
+        });
+        while self.windows.len() + room > SLOT_WINDOWS {
+            match self.windows.iter().position(|(sig, _, _)| !own(*sig)) {
+                Some(oldest) => self.windows.remove(oldest),
+                None => break,
+            };
+        }
+    }
+
     fn profile(&mut self) -> &mut Profile {
         self.profile.get_or_insert_default()
     }
@@ -457,6 +481,9 @@ impl MemoryStore {
                     .count();
                 let mut visit = |mut slot: Option<&mut Slot>, values: &mut [i64]| {
                     if let Some(slot) = slot.as_deref_mut() {
+                        if slot.windows.len() + records > SLOT_WINDOWS {
+                            slot.shed(|sig| held.owns(sig), ts, records);
+                        }
                         slot.make_room(records);
                     }
                     for (i, sig) in held.windows() {
@@ -740,7 +767,8 @@ fn get_idem(r: &mut snapshot::Reader, key: &str) -> Result<IdemEntry, SnapshotEr
 /// rest of the key's: such a key is new on nearly every request (one per
 /// order), and as a key of its own each cost a map insert, a heap key and
 /// a slot, where in the user's slot, already locked for the user's windows,
-/// it costs an entry in a short list. Expiry drops the entry once idle.
+/// it costs an entry in a short list. Expiry drops the entry once idle,
+/// and [`Slot::shed`] keeps the list short for a user who floods orders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Home {
     Own,
@@ -765,7 +793,20 @@ struct Held<'p> {
     parts: SmallVec<[(&'p [usize], u64); 4]>,
 }
 
+/// Most windows one slot holds (see [`Slot::shed`]): far more than a pack
+/// has windows per key, and than the distinct orders an honest user places
+/// within an order window's span.
+const SLOT_WINDOWS: usize = 64;
+
 impl<'p> Held<'p> {
+    /// Whether `sig` is a window of a group stored under its own signature
+    /// (not one of many orders).
+    fn owns(&self, sig: u64) -> bool {
+        self.parts.iter().any(|&(windows, rest)| {
+            rest == 0 && windows.iter().any(|&i| self.plan.windows[i].sig == sig)
+        })
+    }
+
     /// (index in the plan, signature in the slot) of each window held.
     fn windows(&self) -> impl Iterator<Item = (usize, u64)> + use<'_, 'p> {
         self.parts.iter().flat_map(move |&(windows, rest)| {
@@ -1401,6 +1442,26 @@ mod tests {
         store.with_slot("user_id\x1fu1", |slot| {
             assert_eq!(slot.map(|s| s.windows.len()), Some(1), "only per_user left");
         });
+    }
+
+    #[test]
+    fn a_flood_of_distinct_orders_keeps_the_users_slot_bounded() {
+        let store = MemoryStore::new(MemoryLimits::default());
+        let plan = plan_with_orders();
+        let n = SLOT_WINDOWS as i64 * 3;
+        for i in 0..n {
+            store.begin(&plan, &order("u1", &format!("t{i}"), i), None, true);
+        }
+        store.with_slot("user_id\x1fu1", |slot| {
+            assert!(slot.unwrap().windows.len() <= SLOT_WINDOWS);
+        });
+        let read = |r: &Recharge| store.begin(&plan, r, None, false).windows;
+        assert_eq!(
+            read(&order("u1", &format!("t{}", n - 1), n)),
+            [2, n + 1],
+            "the user's own window kept every order; the newest order is remembered"
+        );
+        assert_eq!(read(&order("u1", "t0", n))[0], 1, "the oldest order went");
     }
 
     #[test]
