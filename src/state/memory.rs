@@ -443,13 +443,13 @@ impl MemoryStore {
     fn release(&self, plan: &WindowPlan, facts: &Facts) {
         with_key(|key| {
             for_each_home(plan, facts, key, |key, held, _| {
-                let releases = |&(i, _): &(usize, u64)| plan.windows[i].releases(facts);
-                if !held.windows().any(|h| releases(&h)) {
+                let releases = |i: usize| plan.windows[i].releases(facts);
+                if !held.indices().any(releases) {
                     return;
                 }
                 self.windows.read_mut(key, |slot| {
                     let Some(slot) = slot else { return };
-                    for (i, sig) in held.windows().filter(releases) {
+                    for (i, sig) in held.windows().filter(|&(i, _)| releases(i)) {
                         let w = &plan.windows[i];
                         if let Some(Agg::Series(s)) = slot.find(sig) {
                             s.remove(w.shape, facts.timestamp_ms, w.delta(facts));
@@ -476,8 +476,8 @@ impl MemoryStore {
             let ts = facts.timestamp_ms;
             for_each_home(plan, facts, key, |key, held, user| {
                 let records = held
-                    .windows()
-                    .filter(|&(i, _)| matches!(how(&plan.windows[i]), Touch::Record(_)))
+                    .indices()
+                    .filter(|&i| matches!(how(&plan.windows[i]), Touch::Record(_)))
                     .count();
                 let mut visit = |mut slot: Option<&mut Slot>, values: &mut [i64]| {
                     if let Some(slot) = slot.as_deref_mut() {
@@ -805,6 +805,13 @@ impl<'p> Held<'p> {
         self.parts.iter().any(|&(windows, rest)| {
             rest == 0 && windows.iter().any(|&i| self.plan.windows[i].sig == sig)
         })
+    }
+
+    /// The index in the plan of each window held (no signatures computed).
+    fn indices(&self) -> impl Iterator<Item = usize> + use<'_, 'p> {
+        self.parts
+            .iter()
+            .flat_map(|&(windows, _)| windows.iter().copied())
     }
 
     /// (index in the plan, signature in the slot) of each window held.
