@@ -166,6 +166,16 @@ enum Agg {
     Distinct(Distinct),
 }
 
+impl Agg {
+    /// Whether the window (of span `span_ms`) reads 0 from `now_ms` on.
+    fn is_idle(&self, span_ms: i64, now_ms: i64) -> bool {
+        match self {
+            Agg::Series(s) => s.is_idle(Shape::new(span_ms), now_ms),
+            Agg::Distinct(d) => d.is_idle(Shape::new(span_ms), now_ms),
+        }
+    }
+}
+
 impl Slot {
     /// The state kept under signature `sig` (see [`Home`]).
     fn find(&mut self, sig: u64) -> Option<&mut Agg> {
@@ -212,13 +222,8 @@ impl Slot {
     /// the oldest orders' windows are forgotten, and none of the windows the
     /// user is judged by (amounts, bursts) can be pushed out.
     fn shed(&mut self, own: impl Fn(u64) -> bool, now_ms: i64, room: usize) {
-        self.windows.retain(|(sig, span, agg)| {
-            own(*sig)
-                || match agg {
-                    Agg::Series(s) => !s.is_idle(Shape::new(*span), now_ms),
-                    Agg::Distinct(d) => !d.is_idle(Shape::new(*span), now_ms),
-                }
-        });
+        self.windows
+            .retain(|(sig, span, agg)| own(*sig) || !agg.is_idle(*span, now_ms));
         while self.windows.len() + room > SLOT_WINDOWS {
             match self.windows.iter().position(|(sig, _, _)| !own(*sig)) {
                 Some(oldest) => self.windows.remove(oldest),
@@ -243,10 +248,8 @@ impl Slot {
     /// slot needs the first part: it lives as long as the profile, and
     /// gathers a window per order of its user (see [`Home`]).
     fn expire(&mut self, now_ms: i64, profile_span_ms: i64) -> bool {
-        self.windows.retain(|(_, span, agg)| match agg {
-            Agg::Series(s) => !s.is_idle(Shape::new(*span), now_ms),
-            Agg::Distinct(d) => !d.is_idle(Shape::new(*span), now_ms),
-        });
+        self.windows
+            .retain(|(_, span, agg)| !agg.is_idle(*span, now_ms));
         if self.windows.capacity() > 2 * self.windows.len() + 4 {
             self.windows.shrink_to_fit();
         }
