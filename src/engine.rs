@@ -174,7 +174,8 @@ impl Engine {
         recharge: Recharge,
         record: bool,
     ) -> Settled {
-        let started = Instant::now();
+        // Only the decision log reports latency: no clock read without it.
+        let started = self.shared.log.as_ref().map(|_| Instant::now());
         let location = self.shared.geo.lookup(recharge.ip);
         let begun = store.begin(&pack.plan, &recharge, location.as_deref(), record);
         let judged = self.judge(pack, recharge, location, begun, None, started);
@@ -233,7 +234,14 @@ impl Engine {
                 (begun, None, Some(e))
             }
         };
-        let judged = self.judge(pack, recharge, location, begun, failure.as_ref(), started);
+        let judged = self.judge(
+            pack,
+            recharge,
+            location,
+            begun,
+            failure.as_ref(),
+            Some(started),
+        );
         let decision = judged.settled.decision.clone();
         let store_settles_inline = store.settles_inline();
         if record && failure.is_none() {
@@ -267,7 +275,7 @@ impl Engine {
         location: Option<Arc<Location>>,
         begun: Begun,
         failure: Option<&StateError>,
-        started: Instant,
+        started: Option<Instant>,
     ) -> Judged {
         let (mut verdict, ctx) = pack.run(pack.context(recharge, location.clone(), begun));
         if let Some(e) = failure {
@@ -290,7 +298,7 @@ impl Engine {
         let learn = decision.teaches_profile(pack.leniency.as_ref());
         if let (Some(log), Some(mut seen)) = (&self.shared.log, seen) {
             seen.decision = decision.clone();
-            seen.latency_us = started.elapsed().as_micros() as u64;
+            seen.latency_us = started.map_or(0, |t| t.elapsed().as_micros() as u64);
             log.offer(Record::Evaluate(Box::new(seen)));
         }
         tracing::debug!(

@@ -64,6 +64,11 @@ fn fnv1a64(parts: &[&[u8]]) -> u64 {
 
 /// Great-circle distance in km (haversine, mean earth radius 6371 km). NaN in, NaN out.
 pub fn distance_km(a_lat: f64, a_lon: f64, b_lat: f64, b_lon: f64) -> f64 {
+    // A user seen again where they were last seen (the common case): the
+    // formula gives exactly 0 there, without its four trig calls.
+    if a_lat == b_lat && a_lon == b_lon && a_lat.is_finite() && a_lon.is_finite() {
+        return 0.0;
+    }
     let (phi1, phi2) = (a_lat.to_radians(), b_lat.to_radians());
     let half_dphi = (phi2 - phi1) / 2.0;
     let half_dlambda = (b_lon - a_lon).to_radians() / 2.0;
@@ -654,6 +659,9 @@ mod tests {
         assert!((d - 1067.0).abs() < 1067.0 * 0.02, "{d}");
         assert_eq!(distance_km(30.0, 120.0, 30.0, 120.0), 0.0);
         assert!(distance_km(f64::NAN, 0.0, 0.0, 0.0).is_nan());
+        assert!(distance_km(f64::NAN, 0.0, f64::NAN, 0.0).is_nan());
+        assert!(distance_km(0.0, f64::INFINITY, 0.0, f64::INFINITY).is_nan());
+        assert_eq!(distance_km(-0.0, 0.0, 0.0, -0.0), 0.0);
     }
 
     #[test]

@@ -50,10 +50,21 @@ fn bounded_as(field: impl Fn() -> String, value: &str, max: usize) -> Result<(),
             format_args!("is longer than {max} bytes"),
         ));
     }
-    if value.chars().any(char::is_control) {
+    if has_control(value) {
         return Err(invalid(&field(), "contains control characters"));
     }
     Ok(())
+}
+
+/// Whether `value` holds a control character (`char::is_control`: U+0000 to
+/// U+001F and U+007F to U+009F). Ids and tags are nearly always ASCII, where
+/// a byte scan answers without decoding UTF-8 a character at a time.
+fn has_control(value: &str) -> bool {
+    if value.is_ascii() {
+        value.bytes().any(|b| b < 0x20 || b == 0x7f)
+    } else {
+        value.chars().any(char::is_control)
+    }
 }
 
 fn parse_ip(field: &str, text: &str) -> Result<(IpAddr, String), Status> {
@@ -276,6 +287,22 @@ mod tests {
             ip: "192.0.2.1".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn control_characters_are_found_as_char_is_control_finds_them() {
+        // Every ASCII byte and the C1 range around it, alone and inside
+        // ASCII and non-ASCII text: the byte scan and the char scan agree.
+        for c in (0u32..0x100)
+            .chain([0x2028, 0xfeff])
+            .filter_map(char::from_u32)
+        {
+            for text in [format!("{c}"), format!("u-{c}-1"), format!("\u{4e2d}{c}")] {
+                assert_eq!(has_control(&text), c.is_control(), "{text:?}");
+            }
+        }
+        assert!(!has_control("u-123456"));
+        assert!(!has_control("\u{4e2d}\u{6587}"));
     }
 
     #[test]
