@@ -232,6 +232,20 @@ pub struct Program {
     pub slots: usize,
 }
 
+/// What a variable of a compiled rule stands for.
+#[derive(Debug)]
+enum Binding {
+    /// A local slot, set when its `let` runs.
+    Slot(usize),
+    /// `let n = window.x;`: a number or boolean feature, which cannot change
+    /// while the rule runs (the request's features are fixed, and a
+    /// compiled rule never assigns), so every use of `n` reads it in place,
+    /// as `window.x` itself would be, and the `let` costs nothing.
+    Read(Reader),
+    /// `let n = 5;`: a number or boolean constant, likewise.
+    Const(Value),
+}
+
 /// What compiling needs to know of the pack.
 pub struct Compiler<'a> {
     pub engine: &'a Engine,
@@ -243,9 +257,12 @@ pub struct Compiler<'a> {
 
 struct State<'a> {
     c: &'a Compiler<'a>,
-    /// The script's variables in scope, innermost last: (name, slot).
-    scope: Vec<(ImmutableString, usize)>,
+    /// The script's variables in scope, innermost last.
+    scope: Vec<(ImmutableString, Binding)>,
     slots: usize,
+    /// Variables declared, slot or not (Rhai's `max_variables` counts
+    /// them all).
+    vars: usize,
     nodes: u64,
     /// String literals of the rule's source, for recovering `switch` cases.
     literals: &'a [String],
@@ -266,6 +283,7 @@ impl Compiler<'_> {
             c: self,
             scope: Vec::new(),
             slots: 0,
+            vars: 0,
             nodes: 0,
             literals: &literals,
             features,
@@ -274,7 +292,7 @@ impl Compiler<'_> {
         // Each node is at most a handful of Rhai operations: far from the
         // limit, or not compiled.
         let limited = self.max_operations > 0 && st.nodes * 8 >= self.max_operations;
-        if limited || st.slots + 8 >= self.max_variables {
+        if limited || st.vars + 8 >= self.max_variables {
             return None;
         }
         Some(Program {
@@ -287,9 +305,15 @@ impl Compiler<'_> {
 impl State<'_> {
     fn block(&mut self, stmts: &[Stmt]) -> Option<Vec<S>> {
         let depth = self.scope.len();
-        let out = stmts.iter().map(|s| self.stmt(s)).collect();
+        let out: Option<Vec<S>> = stmts.iter().map(|s| self.stmt(s)).collect();
         self.scope.truncate(depth);
-        out
+        let mut out = out?;
+        // Statements that do nothing (a `let` read in place, a no-op) go,
+        // but for the last, whose value is the block's.
+        let last = out.pop();
+        out.retain(|s| !matches!(s, S::Expr(E::Const(Value::Unit))));
+        out.extend(last);
+        Some(out)
     }
 
     fn stmt(&mut self, stmt: &Stmt) -> Option<S> {
@@ -300,9 +324,21 @@ impl State<'_> {
             Stmt::FnCall(f, _) => S::Expr(self.call(f, None)?),
             Stmt::Var(x, ..) => {
                 let value = self.expr(&x.1)?;
+                self.vars += 1;
+                let in_place = match &value {
+                    E::Read(r) => Some(Binding::Read(*r)),
+                    E::Const(v) if v.scalar().is_some() => Some(Binding::Const(v.clone())),
+                    _ => None,
+                };
+                if let Some(binding) = in_place {
+                    self.scope.push((x.0.name.clone(), binding));
+                    // A `let` is worth `()`, should it end a block (see
+                    // `block` for the others).
+                    return Some(S::Expr(E::Const(Value::Unit)));
+                }
                 let slot = self.slots;
                 self.slots += 1;
-                self.scope.push((x.0.name.clone(), slot));
+                self.scope.push((x.0.name.clone(), Binding::Slot(slot)));
                 S::Let(slot, value)
             }
             Stmt::If(x, _) => S::If(
@@ -384,7 +420,9 @@ impl State<'_> {
                 }
                 let name = v.1.as_str();
                 match self.scope.iter().rev().find(|(n, _)| n == name) {
-                    Some((_, slot)) => E::Local(*slot),
+                    Some((_, Binding::Slot(slot))) => E::Local(*slot),
+                    Some((_, Binding::Read(r))) => E::Read(*r),
+                    Some((_, Binding::Const(v))) => E::Const(v.clone()),
                     None => {
                         let i = name.strip_prefix(self.c.prefix)?.parse::<usize>().ok()?;
                         match self.features.get(i).and_then(Feature::reader) {

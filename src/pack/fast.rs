@@ -994,9 +994,14 @@ file = "block.txt"
             // Locals compared as numbers where they hold numbers, and as
             // strings where they hold strings (the general path).
             ("locals", "let a = request.target; let b = request.channel; let n = request.amount; let v = list.b; if a != b && b >= a && n >= window.w && (v == list.b) { flag(\"LOCALS\", `${a}${n}`) }", ""),
+            // `let`s of a feature or a constant are read in place: shadowed
+            // by a computed local in an inner block, and back outside it;
+            // a `let` that ends the rule still makes its value `()`.
+            ("aliases", "let w = window.w; let k = 300; if w > k { let w = w * 2; if w > 700 { flag(\"ALIAS\", `${w} ${k}`) } else { flag(\"ALIAS2\", `${w}`) } } else { flag(\"ALIAS3\", `${w} ${k}`) }", ""),
+            ("alias_last", "let w = window.w; if w >= 0 { flag(\"NEVER\", `${w}`) }; let z = w;", ""),
         ]);
         let (compiled, _, _) = p.fast_coverage();
-        assert_eq!(compiled, 11);
+        assert_eq!(compiled, 13);
         let verdicts = agree(&p);
         // Only where Rhai has an error to report (or an operator on types
         // not compiled) does a compiled rule hand over.
@@ -1019,6 +1024,13 @@ file = "block.txt"
         assert!(codes.iter().flatten().any(|c| *c == "ACT"), "{codes:?}");
         assert!(codes.iter().flatten().any(|c| *c == "NESTED"), "{codes:?}");
         assert!(codes.iter().flatten().any(|c| *c == "LOCALS"), "{codes:?}");
+        for code in ["ALIAS", "ALIAS3"] {
+            assert!(
+                codes.iter().flatten().any(|c| *c == code),
+                "{code} {codes:?}"
+            );
+        }
+        assert!(!codes.iter().flatten().any(|c| *c == "NEVER"), "{codes:?}");
         // The overflow, the division by zero and the comparison of an int
         // with a string are Rhai's to report (or not).
         let errors: Vec<String> = verdicts
