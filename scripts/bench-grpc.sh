@@ -115,24 +115,24 @@ def h2(name):
     return rps, ok
 med = lambda xs: st.median(xs)
 print(f"rounds: {rounds}; medians; server on one core, client on another\n")
+R = range(1, rounds+1)
+def row(label, b, e):
+    """The medians and their ratio, then each round's ratio (engine/baseline
+    of the same round): how far the rounds spread is part of the figure."""
+    per = ", ".join(f"{y/x:.2f}" for x, y in zip(b, e))
+    print(f"  {label:<29}{med(b):>10.0f}  {med(e):>10.0f}   {med(e)/med(b):>6.2f}   rounds: {per}")
 print("closed loop (loadgen 4 x 16)      baseline      engine   engine/baseline")
-b = [lg(f"closed-baseline-{r}")["rps"] for r in range(1, rounds+1)]
-e = [lg(f"closed-engine-{r}")["rps"] for r in range(1, rounds+1)]
-print(f"  requests/s                   {med(b):>10.0f}  {med(e):>10.0f}   {med(e)/med(b):>6.2f}")
-bp = [lg(f"closed-baseline-{r}")["latency_us"]["p99"] for r in range(1, rounds+1)]
-ep = [lg(f"closed-engine-{r}")["latency_us"]["p99"] for r in range(1, rounds+1)]
-print(f"  p99 us                       {med(bp):>10.0f}  {med(ep):>10.0f}   {med(ep)/med(bp):>6.2f}")
-b = [lg(f"warm-baseline-{r}")["rps"] for r in range(1, rounds+1)]
-e = [lg(f"warm-engine-{r}")["rps"] for r in range(1, rounds+1)]
-print(f"closed loop, warm store (100k users, a first pass fills it)\n  requests/s                   {med(b):>10.0f}  {med(e):>10.0f}   {med(e)/med(b):>6.2f}")
-b = [h2(f"h2load-baseline-{r}")[0] for r in range(1, rounds+1)]
-e = [h2(f"h2load-engine-{r}")[0] for r in range(1, rounds+1)]
-print(f"h2load (16 x 16, dry-run body)\n  requests/s                   {med(b):>10.0f}  {med(e):>10.0f}   {med(e)/med(b):>6.2f}")
+row("requests/s", [lg(f"closed-baseline-{r}")["rps"] for r in R], [lg(f"closed-engine-{r}")["rps"] for r in R])
+row("p99 us", [lg(f"closed-baseline-{r}")["latency_us"]["p99"] for r in R],
+    [lg(f"closed-engine-{r}")["latency_us"]["p99"] for r in R])
+print("closed loop, warm store (100k users, a first pass fills it)")
+row("requests/s", [lg(f"warm-baseline-{r}")["rps"] for r in R], [lg(f"warm-engine-{r}")["rps"] for r in R])
+print("h2load (16 x 16, dry-run body)")
+row("requests/s", [h2(f"h2load-baseline-{r}")[0] for r in R], [h2(f"h2load-engine-{r}")[0] for r in R])
 for share in (4, 2):
     rate = lg(f"open{share}-baseline-1")["rate"]
     print(f"open loop at 1/{share} of the baseline peak ({rate:.0f}/s)")
     for k in ("p50", "p99", "p999"):
-        b = [lg(f"open{share}-baseline-{r}")["latency_us"][k] for r in range(1, rounds+1)]
-        e = [lg(f"open{share}-engine-{r}")["latency_us"][k] for r in range(1, rounds+1)]
-        print(f"  {k} us                      {med(b):>10.0f}  {med(e):>10.0f}   {med(e)/med(b):>6.2f}")
+        row(f"{k} us", [lg(f"open{share}-baseline-{r}")["latency_us"][k] for r in R],
+            [lg(f"open{share}-engine-{r}")["latency_us"][k] for r in R])
 PY
