@@ -23,7 +23,7 @@
 
 use rhai::{Dynamic, Engine, Expr, FnCallExpr, ImmutableString, Scope, Stmt, AST};
 
-use super::fast::{Feature, Reader, Statuses};
+use super::fast::{Feature, IntReader, Reader, Statuses};
 use super::script::{self, Ctx, Hit};
 use crate::decision::Action;
 
@@ -193,6 +193,9 @@ struct Cmp {
     op: BinOp,
     a: Operand,
     b: Operand,
+    /// Both operands always integers (a window, an integer field or
+    /// constant): compared as such, with no [`Scalar`] in between.
+    ints: Option<(IntReader, IntReader)>,
     /// The operands as written: a local can hold a string, which the
     /// general path compares.
     general: (E, E),
@@ -501,10 +504,15 @@ fn bin(op: BinOp, args: Vec<E>) -> Option<E> {
     let (a, b) = (args.next()?, args.next()?);
     if op.compares() {
         if let (Some(x), Some(y)) = (Operand::of(&a), Operand::of(&b)) {
+            let int = |o: Operand| match o {
+                Operand::Read(r) => r.int(),
+                Operand::Local(_) => None,
+            };
             return Some(E::Cmp(Box::new(Cmp {
                 op,
                 a: x,
                 b: y,
+                ints: int(x).zip(int(y)),
                 general: (a, b),
             })));
         }
@@ -782,9 +790,12 @@ fn stmt(s: &S, f: &mut Frame) -> Eval {
 /// every condition, stays small; the rest is [`truth_general`].
 fn truth(e: &E, f: &mut Frame) -> Result<bool, Stop> {
     match e {
-        E::Cmp(c) => match (c.a.read(f), c.b.read(f)) {
-            (Some(x), Some(y)) => compare_scalars(c.op, x, y).ok_or(Stop::Bail),
-            _ => truth_general(e, f),
+        E::Cmp(c) => match c.ints {
+            Some((a, b)) => ordered(c.op, &a.read(f.ctx), &b.read(f.ctx)).ok_or(Stop::Bail),
+            None => match (c.a.read(f), c.b.read(f)) {
+                (Some(x), Some(y)) => compare_scalars(c.op, x, y).ok_or(Stop::Bail),
+                _ => truth_general(e, f),
+            },
         },
         E::Read(r) => match r.read(f.ctx) {
             Scalar::Bool(b) => Ok(b),

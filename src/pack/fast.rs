@@ -93,8 +93,10 @@ pub enum Reader {
     Const(Scalar),
     Window(usize),
     List(usize),
-    /// A field of the request, account, location or profile, or whether
-    /// an allow list matched.
+    /// An integer field of the request, account or profile.
+    IntField(fn(&Ctx) -> i64),
+    /// Another field of the request, account, location or profile, or
+    /// whether an allow list matched.
     Field(fn(&Ctx) -> Scalar),
 }
 
@@ -105,7 +107,39 @@ impl Reader {
             Reader::Const(s) => s,
             Reader::Window(i) => Scalar::Int(ctx.windows[i]),
             Reader::List(i) => Scalar::Bool(ctx.lists[i]),
+            Reader::IntField(get) => Scalar::Int(get(ctx)),
             Reader::Field(get) => get(ctx),
+        }
+    }
+
+    /// Where an integer lies, when this always reads one.
+    pub fn int(self) -> Option<IntReader> {
+        match self {
+            Reader::Const(Scalar::Int(n)) => Some(IntReader::Const(n)),
+            Reader::Window(i) => Some(IntReader::Window(i)),
+            Reader::IntField(get) => Some(IntReader::Field(get)),
+            _ => None,
+        }
+    }
+}
+
+/// A [`Reader`] known to read an integer: a comparison of two of them
+/// (most conditions of a rule: an amount or a window against a parameter)
+/// needs no [`Scalar`] and no match on the operands' types.
+#[derive(Debug, Clone, Copy)]
+pub enum IntReader {
+    Const(i64),
+    Window(usize),
+    Field(fn(&Ctx) -> i64),
+}
+
+impl IntReader {
+    #[inline]
+    pub fn read(self, ctx: &Ctx) -> i64 {
+        match self {
+            IntReader::Const(n) => n,
+            IntReader::Window(i) => ctx.windows[i],
+            IntReader::Field(get) => get(ctx),
         }
     }
 }
@@ -192,27 +226,27 @@ impl Feature {
     /// the value with no match on the feature.
     pub fn reader(&self) -> Option<Reader> {
         use Feature::*;
-        use Scalar::{Bool, Float, Int};
+        use Scalar::{Bool, Float};
         Some(match self {
             Window(i) => Reader::Window(*i),
             List(i) => Reader::List(*i),
             Param(_, v) => Reader::Const(v.scalar()?),
             Allowlisted => Reader::Field(|c| Bool(c.allowlisted)),
-            Amount => Reader::Field(|c| Int(c.recharge.facts.amount)),
-            TimestampMs => Reader::Field(|c| Int(c.recharge.facts.timestamp_ms)),
+            Amount => Reader::IntField(|c| c.recharge.facts.amount),
+            TimestampMs => Reader::IntField(|c| c.recharge.facts.timestamp_ms),
             IsIpv6 => Reader::Field(|c| Bool(c.recharge.ip.is_ipv6())),
             RealNameVerified => Reader::Field(|c| Bool(c.recharge.account.real_name_verified)),
-            CreatedAtMs => Reader::Field(|c| Int(c.recharge.account.created_at_ms)),
+            CreatedAtMs => Reader::IntField(|c| c.recharge.account.created_at_ms),
             HasPurchaseHistory => Reader::Field(|c| Bool(c.recharge.account.has_purchase_history)),
             AgeDays => Reader::Field(|c| Float(script::age_days(c))),
             Known => Reader::Field(|c| Bool(c.location.is_some())),
             Latitude => Reader::Field(|c| Float(script::latitude(c))),
             Longitude => Reader::Field(|c| Float(script::longitude(c))),
-            LocatedEvents => Reader::Field(|c| Int(c.profile.located_events)),
+            LocatedEvents => Reader::IntField(|c| c.profile.located_events),
             UsualRegion => Reader::Field(|c| Bool(c.profile.usual_region)),
-            UsualRegions => Reader::Field(|c| Int(c.profile.usual_regions)),
+            UsualRegions => Reader::IntField(|c| c.profile.usual_regions),
             LastLoginNewRegion => Reader::Field(|c| Bool(c.profile.last_login_new_region)),
-            SecsSinceLogin => Reader::Field(|c| Int(c.profile.secs_since_login)),
+            SecsSinceLogin => Reader::IntField(|c| c.profile.secs_since_login),
             TravelKm => Reader::Field(|c| Float(c.profile.travel_km)),
             TravelKmh => Reader::Field(|c| Float(c.profile.travel_kmh)),
             _ => return None,
@@ -999,9 +1033,12 @@ file = "block.txt"
             // a `let` that ends the rule still makes its value `()`.
             ("aliases", "let w = window.w; let k = 300; if w > k { let w = w * 2; if w > 700 { flag(\"ALIAS\", `${w} ${k}`) } else { flag(\"ALIAS2\", `${w}`) } } else { flag(\"ALIAS3\", `${w} ${k}`) }", ""),
             ("alias_last", "let w = window.w; if w >= 0 { flag(\"NEVER\", `${w}`) }; let z = w;", ""),
+            // Every comparison of two integers where they lie (an integer
+            // field, a window, a constant), below, at and above.
+            ("int_ops", "let k = 500; if request.amount > 0 { flag(\"INTOPS\", `${request.amount == k}${request.amount != k}${request.amount < k}${request.amount <= k}${request.amount > k}${request.amount >= k}${window.w >= 999}${k == 500}`) }", ""),
         ]);
         let (compiled, _, _) = p.fast_coverage();
-        assert_eq!(compiled, 13);
+        assert_eq!(compiled, 14);
         let verdicts = agree(&p);
         // Only where Rhai has an error to report (or an operator on types
         // not compiled) does a compiled rule hand over.
@@ -1031,6 +1068,20 @@ file = "block.txt"
             );
         }
         assert!(!codes.iter().flatten().any(|c| *c == "NEVER"), "{codes:?}");
+        let int_ops: Vec<&str> = verdicts
+            .iter()
+            .flat_map(|v| v.reasons.iter())
+            .filter(|r| r.code == "INTOPS")
+            .map(|r| r.message.as_str())
+            .collect();
+        // Amounts 100, 999, 500, 12,345 and 12,346 against 500.
+        for m in [
+            "falsetruetruetruefalsefalsefalsetrue",
+            "falsetruefalsefalsetruetruetruetrue",
+            "truefalsefalsetruefalsetruefalsetrue",
+        ] {
+            assert!(int_ops.contains(&m), "{m} {int_ops:?}");
+        }
         // The overflow, the division by zero and the comparison of an int
         // with a string are Rhai's to report (or not).
         let errors: Vec<String> = verdicts
