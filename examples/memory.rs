@@ -43,12 +43,17 @@ fn main() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let pack = Pack::load(&dir.join("rules")).expect("shipped pack");
     let geo = riskgate::server::open_geo(Some(&dir.join("geo/demo.csv"))).expect("geo");
+    // Caps as an operator would set them for this population: room for
+    // every key (about 2.07 a user) and record (2 a user) with half as many
+    // again to spare, so nothing is evicted. The maps are sized for their
+    // caps at the start, so a cap far past the keys held costs index memory
+    // (see "Sizing memory" in the README).
     let limits = MemoryLimits {
-        max_tracked_keys: users * 8,
+        max_tracked_keys: users * 3,
         max_idempotency_records: std::env::var("IDEM_CAP")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(users * 4),
+            .unwrap_or(users * 3),
         ..MemoryLimits::default()
     };
     let store = Arc::new(MemoryStore::new(limits));

@@ -997,6 +997,10 @@ struct Bounded<V> {
     sweeping: Mutex<()>,
 }
 
+/// Most entries a map is sized for at the start (see [`Bounded::new`]): a
+/// cap set far past any real need must not reserve the table for it.
+const PRESIZE_MAX: usize = 1 << 24;
+
 /// Stamps a thread takes from a map's clock at once.
 const LEASE: u64 = 64;
 
@@ -1031,7 +1035,22 @@ impl<V: Default + Marked> Bounded<V> {
             // of milliseconds at a few hundred thousand keys). foldhash: a
             // fast hash, seeded per process, so keys chosen by an attacker
             // cannot be made to collide.
-            map: DashMap::with_hasher_and_shard_amount(Default::default(), SHARDS),
+            //
+            // Sized for the cap at the start: a shard that grows rehashes
+            // every key it holds, in one go, under its lock. At millions of
+            // keys that is a cache miss per key, several hundred
+            // microseconds that every request queued behind the shard's
+            // core waits for, and a twentieth of a fresh server's time per
+            // request. Only the control bytes are written now; the buckets
+            // are pages the OS maps as keys land in them, so at the cap the
+            // table holds what a grown one would. (Below it, keys land all
+            // over the table: see "Sizing memory" in the README.) A cap past
+            // [`PRESIZE_MAX`] presizes that far and grows beyond.
+            map: DashMap::with_capacity_and_hasher_and_shard_amount(
+                cap.clamp(1, PRESIZE_MAX),
+                Default::default(),
+                SHARDS,
+            ),
             id: MAP_IDS.fetch_add(1, Ordering::Relaxed),
             len: AtomicUsize::new(0),
             marked: AtomicUsize::new(0),
