@@ -20,7 +20,9 @@ use crate::pack::Pack;
 use crate::state::memory::IdemEntry;
 use crate::state::profile::Profile;
 use crate::state::redis::{Logged, Opened};
-use crate::state::{fnv1a, Begun, Conflict, MemoryStore, RedisStore, Settled, StateError, Store};
+use crate::state::{
+    fnv1a, Begun, Conflict, KeptDecision, MemoryStore, RedisStore, Settled, StateError, Store,
+};
 
 /// The code of the reason a decision made without state carries.
 pub const STATE_UNAVAILABLE: &str = "STATE_UNAVAILABLE";
@@ -138,8 +140,8 @@ impl Engine {
                 if entry.fingerprint != fingerprint {
                     return Err(Conflict(recharge.request_id).into());
                 }
-                if let Some(settled) = entry.settled.get() {
-                    return Ok(Local::Done(replay(settled)));
+                if let Some(kept) = entry.settled.get() {
+                    return Ok(Local::Done(replay(&kept.decision)));
                 }
             }
             let settled = self.decide_local(store, pack, recharge, false);
@@ -151,7 +153,7 @@ impl Engine {
         let claim = store.claim(&recharge.request_id, fingerprint)?;
         if !claim.fresh {
             return Ok(match claim.entry.settled.get() {
-                Some(settled) => Local::Done(replay(settled)),
+                Some(kept) => Local::Done(replay(&kept.decision)),
                 None => Local::Deciding(claim.entry, recharge.request_id),
             });
         }
@@ -159,7 +161,7 @@ impl Engine {
         let settled = self.decide_local(store, pack, recharge, true);
         let decision = settled.decision.clone();
         // This call created the record, so nothing else sets it.
-        let _ = claim.entry.settled.set(settled);
+        let _ = claim.entry.settled.set(KeptDecision::new(settled));
         drop(deciding);
         Ok(Local::Done(Evaluated {
             decision,
@@ -221,7 +223,7 @@ impl Engine {
         };
         let (begun, profile, failure) = match opened {
             Ok(Opened::Decide { begun, profile }) => (begun, profile, None),
-            Ok(Opened::Replay(settled)) => return Ok(replay(&settled)),
+            Ok(Opened::Replay(settled)) => return Ok(replay(&settled.decision)),
             Ok(Opened::Conflict) => return Err(Conflict(recharge.request_id).into()),
             Ok(Opened::Pending) => unreachable!("waited for above"),
             Err(e) => {
@@ -364,17 +366,18 @@ impl Engine {
         let user_id = match &self.shared.store {
             Store::Memory(m) => {
                 let entry = m.find(&outcome.request_id).ok_or_else(unknown)?;
-                let settled = entry.settled.get().ok_or_else(unknown)?;
-                check_user(&outcome, settled)?;
+                let kept = entry.settled.get().ok_or_else(unknown)?;
+                check_user(&outcome, kept.facts.user_id())?;
                 if !entry.mark_outcome(outcome.kind) {
                     return Ok(true);
                 }
-                m.apply_outcome(&pack.plan, settled, outcome.kind, outcome.timestamp_ms);
-                settled.facts.user_id.clone()
+                let settled = kept.settled();
+                m.apply_outcome(&pack.plan, &settled, outcome.kind, outcome.timestamp_ms);
+                settled.facts.user_id
             }
             Store::Redis(r) => {
                 let settled = r.find(&outcome.request_id).await?.ok_or_else(unknown)?;
-                check_user(&outcome, &settled)?;
+                check_user(&outcome, &settled.facts.user_id)?;
                 if !r.mark_outcome(&outcome.request_id, outcome.kind).await? {
                     return Ok(true);
                 }
@@ -396,12 +399,12 @@ impl Engine {
 }
 
 /// An outcome that names a user must name the decided one.
-fn check_user(outcome: &Outcome, settled: &Settled) -> Result<(), EngineError> {
-    if !outcome.user_id.is_empty() && outcome.user_id != settled.facts.user_id {
+fn check_user(outcome: &Outcome, decided_user: &str) -> Result<(), EngineError> {
+    if !outcome.user_id.is_empty() && outcome.user_id != decided_user {
         return Err(EngineError::UserMismatch {
             request_id: outcome.request_id.clone(),
             given: outcome.user_id.clone(),
-            decided: settled.facts.user_id.clone(),
+            decided: decided_user.to_string(),
         });
     }
     Ok(())
@@ -528,8 +531,8 @@ impl Drop for Abandon<'_> {
 async fn wait_for(entry: Arc<IdemEntry>, request_id: String) -> Result<Evaluated, EngineError> {
     let started = Instant::now();
     loop {
-        if let Some(settled) = entry.settled.get() {
-            return Ok(replay(settled));
+        if let Some(kept) = entry.settled.get() {
+            return Ok(replay(&kept.decision));
         }
         if entry.is_abandoned() || started.elapsed() >= IN_FLIGHT_WAIT {
             return Err(EngineError::InFlight(request_id));
@@ -538,9 +541,9 @@ async fn wait_for(entry: Arc<IdemEntry>, request_id: String) -> Result<Evaluated
     }
 }
 
-fn replay(settled: &Settled) -> Evaluated {
+fn replay(decision: &Arc<Decision>) -> Evaluated {
     Evaluated {
-        decision: settled.decision.clone(),
+        decision: decision.clone(),
         replayed: true,
     }
 }

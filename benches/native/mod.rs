@@ -19,7 +19,7 @@ use riskgate::pack::manifest::Mode;
 use riskgate::pack::script::Ctx;
 use riskgate::pack::{Pack, Verdict};
 use riskgate::state::memory::MemoryLimits;
-use riskgate::state::{fnv1a, Begun, MemoryStore, Settled};
+use riskgate::state::{fnv1a, Begun, KeptDecision, MemoryStore, Settled};
 
 /// Event time of the first generated step: 2026-01-01T00:00:00Z.
 pub const T0_MS: i64 = 1_767_225_600_000;
@@ -582,7 +582,7 @@ impl Pipeline {
         }
         let settled = self.decide(recharge, rules, capture);
         let decision = settled.decision.clone();
-        let _ = claim.entry.settled.set(settled);
+        let _ = claim.entry.settled.set(KeptDecision::new(settled));
         decision
     }
 
@@ -644,12 +644,13 @@ impl Pipeline {
                 let Some(entry) = self.store.find(&o.request_id) else {
                     return;
                 };
-                let Some(settled) = entry.settled.get() else {
+                let Some(kept) = entry.settled.get() else {
                     return;
                 };
                 if entry.mark_outcome(o.kind) {
+                    let settled = kept.settled();
                     self.store
-                        .apply_outcome(&self.pack.plan, settled, o.kind, o.timestamp_ms);
+                        .apply_outcome(&self.pack.plan, &settled, o.kind, o.timestamp_ms);
                 }
             }
         }

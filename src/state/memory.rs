@@ -14,7 +14,7 @@ use super::window::{Distinct, Series, Shape};
 use super::{fnv1a, Aggregate, Begun, Conflict, Counts, KeyGroup, Touch, Window, WindowPlan};
 use crate::decision::{Action, Decision};
 use crate::geo::Location;
-use crate::model::{Facts, Field, Login, OutcomeKind, Recharge};
+use crate::model::{Facts, Field, KeptFacts, Login, OutcomeKind, Recharge};
 
 /// Limits of the in-memory store.
 #[derive(Debug, Clone)]
@@ -46,6 +46,35 @@ pub struct Settled {
     pub location: Option<Arc<Location>>,
 }
 
+/// A decided request as its idempotency record keeps it: the answer to
+/// replay, and what its outcomes need, with the facts packed
+/// ([`KeptFacts`]): records live for a day, per request.
+#[derive(Debug)]
+pub struct KeptDecision {
+    pub decision: Arc<Decision>,
+    pub facts: KeptFacts,
+    pub location: Option<Arc<Location>>,
+}
+
+impl KeptDecision {
+    pub fn new(settled: Settled) -> KeptDecision {
+        KeptDecision {
+            facts: KeptFacts::new(&settled.facts),
+            decision: settled.decision,
+            location: settled.location,
+        }
+    }
+
+    /// The decision with its facts unpacked (outcomes).
+    pub fn settled(&self) -> Settled {
+        Settled {
+            decision: self.decision.clone(),
+            facts: self.facts.facts(),
+            location: self.location.clone(),
+        }
+    }
+}
+
 /// An idempotency record. The call that creates it (see
 /// [`MemoryStore::claim`]) decides and fills `settled`; concurrent retries of
 /// the same id wait for it instead of deciding again, so a retry storm can
@@ -58,7 +87,7 @@ pub struct Settled {
 pub struct IdemEntry {
     pub fingerprint: u64,
     pub created_ms: i64,
-    pub settled: OnceLock<Settled>,
+    pub settled: OnceLock<KeptDecision>,
     /// Outcome bits ([`OutcomeKind::bit`]) and [`ABANDONED`].
     flags: AtomicU8,
 }
@@ -742,9 +771,9 @@ fn get_idem(r: &mut snapshot::Reader, key: &str) -> Result<IdemEntry, SnapshotEr
     let flags = r.u8()?;
     let settled = match r.u8()? {
         0 => None,
-        1 => Some(Settled {
+        1 => Some(KeptDecision {
             decision: Arc::new(snapshot::get_decision(r, key)?),
-            facts: snapshot::get_facts(r)?,
+            facts: KeptFacts::new(&snapshot::get_facts(r)?),
             location: r.place()?,
         }),
         other => return Err(r.corrupt(format!("settled flag {other}"))),

@@ -14,7 +14,7 @@ pub mod window;
 
 use std::sync::Arc;
 
-pub use memory::{Claim, MemoryStore, Settled, StoreStats};
+pub use memory::{Claim, KeptDecision, MemoryStore, Settled, StoreStats};
 pub use profile::ProfileView;
 pub use redis::RedisStore;
 

@@ -60,7 +60,7 @@ use std::sync::Arc;
 use super::profile::Profile;
 use crate::decision::{Action, Decision, Reason};
 use crate::geo::Location;
-use crate::model::Facts;
+use crate::model::{Facts, KeptFacts};
 
 /// The format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -922,11 +922,12 @@ fn get_action(r: &mut Reader) -> Result<Action, SnapshotError> {
 }
 
 /// Facts: the high-cardinality fields as strings, the rest as shared ones.
-pub fn put_facts(e: &mut Enc, f: &Facts) {
-    for s in [&f.user_id, &f.ip_text, &f.device_id, &f.target] {
+pub fn put_facts(e: &mut Enc, f: &KeptFacts) {
+    let [user_id, ip_text, device_id, target, channel, product, currency] = f.texts();
+    for s in [user_id, ip_text, device_id, target] {
         e.b.put_str(s);
     }
-    for s in [&f.channel, &f.product, &f.currency] {
+    for s in [channel, product, currency] {
         e.sym(s);
     }
     e.b.put_i64(f.amount);
@@ -1062,7 +1063,7 @@ pub fn get_profile(r: &mut Reader) -> Result<Profile, SnapshotError> {
 mod tests {
     use super::*;
     use crate::model::{Field, Login, OutcomeKind, Recharge};
-    use crate::state::memory::{MemoryLimits, Settled};
+    use crate::state::memory::{KeptDecision, MemoryLimits, Settled};
     use crate::state::window::Shape;
     use crate::state::{Aggregate, Counts, KeyGroup, MemoryStore, Window, WindowPlan};
 
@@ -1190,7 +1191,7 @@ mod tests {
                 facts: r.facts.clone(),
                 location: Some(Arc::new(loc.clone())),
             };
-            claim.entry.settled.set(settled).unwrap();
+            claim.entry.settled.set(KeptDecision::new(settled)).unwrap();
         }
         store.record_login(
             &plan,
@@ -1279,7 +1280,7 @@ mod tests {
         let settled = entry.settled.get().unwrap();
         assert_eq!(*settled.decision, decision("r2", Action::Allow));
         assert_eq!(settled.facts.timestamp_ms, t0 + 2 * MIN);
-        assert_eq!(settled.facts.device_id, "d0");
+        assert_eq!(settled.facts.facts().device_id, "d0");
         assert_eq!(settled.location.as_deref(), Some(&loc));
         assert!(
             !entry.mark_outcome(OutcomeKind::Succeeded),
