@@ -76,14 +76,57 @@ fn parse_ip(field: &str, text: &str) -> Result<(IpAddr, String), Status> {
     })?;
     // IPv4-mapped IPv6 is the IPv4 address: one address, one key.
     Ok(match ip {
-        IpAddr::V6(v6) => {
-            let ip = v6.to_ipv4_mapped().map_or(ip, IpAddr::V4);
-            (ip, ip.to_string())
-        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (IpAddr::V4(v4), v4.to_string()),
+            None => (ip, v6_text(v6)),
+        },
         // Text that parses as IPv4 is already in its one canonical form
         // (no leading zeros, no spaces): kept as it is, not formatted anew.
         IpAddr::V4(_) => (ip, text.trim().to_string()),
     })
+}
+
+/// An IPv6 address (not IPv4-mapped) in its one canonical text form (RFC
+/// 5952, exactly as `Ipv6Addr`'s `Display` writes it): lower-case hex with
+/// no leading zeros, the first longest run of two or more zero groups as
+/// `::`. Written here, not through `Display`, because the formatting
+/// machinery cost more than the rest of the request's validation.
+fn v6_text(v6: std::net::Ipv6Addr) -> String {
+    let groups = v6.segments();
+    // The first longest run of zero groups: (start, length).
+    let (mut zeros, mut run) = ((0, 0), (0, 0));
+    for (i, &g) in groups.iter().enumerate() {
+        if g != 0 {
+            run = (i + 1, 0);
+            continue;
+        }
+        run.1 += 1;
+        if run.1 > zeros.1 {
+            zeros = run;
+        }
+    }
+    let mut out = String::with_capacity(39);
+    let hex = |out: &mut String, from: usize, to: usize| {
+        for (i, &g) in groups[from..to].iter().enumerate() {
+            if i > 0 {
+                out.push(':');
+            }
+            let digits = (16 - g.leading_zeros()).div_ceil(4).max(1);
+            for d in (0..digits).rev() {
+                out.push(char::from(
+                    b"0123456789abcdef"[(g >> (4 * d)) as usize & 0xf],
+                ));
+            }
+        }
+    };
+    if zeros.1 > 1 {
+        hex(&mut out, 0, zeros.0);
+        out.push_str("::");
+        hex(&mut out, zeros.0 + zeros.1, 8);
+    } else {
+        hex(&mut out, 0, 8);
+    }
+    out
 }
 
 /// Event time: 0 means now; otherwise within the accepted range.
@@ -278,6 +321,49 @@ pub fn outcome(o: pb::Outcome, now: i64) -> Result<Outcome, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v6_text_is_displays() {
+        use std::net::Ipv6Addr;
+        let mut cases: Vec<[u16; 8]> = vec![
+            [0; 8],
+            [0, 0, 0, 0, 0, 0, 0, 1],
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [0x2001, 0xdb8, 0, 0, 1, 0, 0, 1], // two runs of two: the first
+            [0x2001, 0xdb8, 0, 1, 0, 0, 0, 1], // the longer run, not the first
+            [0x2001, 0, 1, 0, 1, 0, 1, 0],     // single zeros stay
+            [0xffff; 8],
+            [0x2001, 0xdb8, 0x85a3, 0x8a2e, 0x370, 0x7334, 0x0f, 0xabc],
+            [0, 0, 0, 0, 0, 0, 0xc000, 0x0201], // IPv4-compatible: plain hex
+        ];
+        // Every mix of zero, one-digit and four-digit groups at every place
+        // (3^8 addresses), so every run of zeros is met.
+        for n in 0..3u32.pow(8) {
+            let mut g = [0u16; 8];
+            let mut k = n;
+            for (i, slot) in g.iter_mut().enumerate() {
+                *slot = [0, 0x7, 0xbeef][(k % 3) as usize] + i as u16 * (k % 3 != 0) as u16;
+                k /= 3;
+            }
+            cases.push(g);
+        }
+        for g in cases {
+            let v6 = Ipv6Addr::from(g);
+            if v6.to_ipv4_mapped().is_none() {
+                assert_eq!(v6_text(v6), v6.to_string(), "{g:x?}");
+            }
+        }
+        // As validation sees it: any spelling of one address, one text.
+        for text in ["2001:DB8::1", "2001:0db8:0:0:0:0:0:1", " 2001:db8::0:1 "] {
+            let (_, canonical) = parse_ip("ip", text).unwrap();
+            assert_eq!(canonical, "2001:db8::1");
+        }
+        let (ip, text) = parse_ip("ip", "::ffff:192.0.2.1").unwrap();
+        assert_eq!(
+            (ip.to_string(), text.as_str()),
+            ("192.0.2.1".into(), "192.0.2.1")
+        );
+    }
 
     fn request() -> pb::EvaluateRequest {
         pb::EvaluateRequest {
