@@ -45,9 +45,7 @@ fn main() {
     let geo = riskgate::server::open_geo(Some(&dir.join("geo/demo.csv"))).expect("geo");
     // Caps as an operator would set them for this population: room for
     // every key (about 2.07 a user) and record (2 a user) with half as many
-    // again to spare, so nothing is evicted. The maps are sized for their
-    // caps at the start, so a cap far past the keys held costs index memory
-    // (see "Sizing memory" in the README).
+    // again to spare, so nothing is evicted.
     let limits = MemoryLimits {
         max_tracked_keys: users * 3,
         max_idempotency_records: std::env::var("IDEM_CAP")
