@@ -51,10 +51,36 @@ start() { # mode
 stop() { kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; }
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 
-loadgen() { # name, extra args...
+# Percent of one core that process $1 used over the next $2 seconds.
+busy() {
+    local a b
+    a=$(awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null) || return 0
+    sleep "$2"
+    b=$(awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null) || return 0
+    echo $(( (b - a) * 100 / ($(getconf CLK_TCK) * $2) ))
+}
+
+# One measured loadgen run, writing $OUT/NAME.json and NAME.txt, and in
+# NAME.busy how busy the server's and the client's cores were mid-run: a
+# closed loop goes as fast as the slower side, and a ratio means something
+# else when the client, not the server, set the pace.
+measure() { # name, loadgen args...
     local name=$1; shift
     taskset -c "$CLIENT_CPU" "$BIN" loadgen --addr "127.0.0.1:$PORT" --duration "${SECS}s" \
-        --warmup 1s --users 1000000 --json-out "$OUT/$name.json" "$@" >/dev/null 2>"$OUT/$name.txt"
+        --warmup 1s --json-out "$OUT/$name.json" "$@" >/dev/null 2>"$OUT/$name.txt" &
+    local client=$! span=$((SECS > 4 ? SECS - 3 : 1))
+    sleep 2
+    busy "$SERVER" "$span" >"$OUT/$name.server" &
+    local s=$!
+    busy "$client" "$span" >"$OUT/$name.client" &
+    wait "$s" $!
+    echo "$(cat "$OUT/$name.server") $(cat "$OUT/$name.client")" >"$OUT/$name.busy"
+    wait "$client"
+}
+
+loadgen() { # name, extra args...
+    local name=$1; shift
+    measure "$name" --users 1000000 "$@"
 }
 
 h2() { # name
@@ -84,9 +110,7 @@ for r in $(seq "$ROUNDS"); do
         start "$mode"
         taskset -c "$CLIENT_CPU" "$BIN" loadgen --addr "127.0.0.1:$PORT" --duration "${SECS}s" \
             --users 100000 --seed 2 --connections 4 --streams 16 >/dev/null 2>&1
-        taskset -c "$CLIENT_CPU" "$BIN" loadgen --addr "127.0.0.1:$PORT" --duration "${SECS}s" \
-            --warmup 1s --users 100000 --seed 3 --connections 4 --streams 16 \
-            --json-out "$OUT/warm-$mode-$r.json" >/dev/null 2>"$OUT/warm-$mode-$r.txt"
+        measure "warm-$mode-$r" --users 100000 --seed 3 --connections 4 --streams 16
         stop
     done
 done
@@ -125,8 +149,16 @@ print("closed loop (loadgen 4 x 16)      baseline      engine   engine/baseline"
 row("requests/s", [lg(f"closed-baseline-{r}")["rps"] for r in R], [lg(f"closed-engine-{r}")["rps"] for r in R])
 row("p99 us", [lg(f"closed-baseline-{r}")["latency_us"]["p99"] for r in R],
     [lg(f"closed-engine-{r}")["latency_us"]["p99"] for r in R])
+def busy(kind):
+    """Median share of a core the server and the client used, each mode."""
+    def side(mode, i):
+        return med([int(open(f"{out}/{kind}-{mode}-{r}.busy").read().split()[i]) for r in R])
+    print(f"  {'busy (server / client)':<29}{side('baseline', 0):>5}% / {side('baseline', 1)}%"
+          f"   {side('engine', 0):>3}% / {side('engine', 1)}%")
+busy("closed")
 print("closed loop, warm store (100k users, a first pass fills it)")
 row("requests/s", [lg(f"warm-baseline-{r}")["rps"] for r in R], [lg(f"warm-engine-{r}")["rps"] for r in R])
+busy("warm")
 print("h2load (16 x 16, dry-run body)")
 row("requests/s", [h2(f"h2load-baseline-{r}")[0] for r in R], [h2(f"h2load-engine-{r}")[0] for r in R])
 for share in (4, 2):
