@@ -44,8 +44,8 @@ fn main() {
     let pack = Pack::load(&dir.join("rules")).expect("shipped pack");
     let geo = riskgate::server::open_geo(Some(&dir.join("geo/demo.csv"))).expect("geo");
     // Caps as an operator would set them for this population: room for
-    // every key (about 2.07 a user) and record (2 a user) with half as many
-    // again to spare, so nothing is evicted.
+    // every key (about 2.07 a user) and record (2 a user) with about half
+    // as many again to spare, so nothing is evicted.
     let limits = MemoryLimits {
         max_tracked_keys: users * 3,
         max_idempotency_records: std::env::var("IDEM_CAP")

@@ -51,12 +51,13 @@ start() { # mode
 stop() { kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; }
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 
-# Percent of one core that process $1 used over the next $2 seconds.
+# Percent of one core that process $1 used over the next $2 seconds ("-"
+# when it could not be read: the process had gone).
 busy() {
     local a b
-    a=$(awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null) || return 0
+    a=$(awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null) || { echo -; return 0; }
     sleep "$2"
-    b=$(awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null) || return 0
+    b=$(awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null) || { echo -; return 0; }
     echo $(( (b - a) * 100 / ($(getconf CLK_TCK) * $2) ))
 }
 
@@ -68,8 +69,9 @@ measure() { # name, loadgen args...
     local name=$1; shift
     taskset -c "$CLIENT_CPU" "$BIN" loadgen --addr "127.0.0.1:$PORT" --duration "${SECS}s" \
         --warmup 1s --json-out "$OUT/$name.json" "$@" >/dev/null 2>"$OUT/$name.txt" &
-    local client=$! span=$((SECS > 4 ? SECS - 3 : 1))
-    sleep 2
+    # From the end of the warm-up second to a second before the end.
+    local client=$! span=$((SECS > 1 ? SECS - 1 : 1))
+    sleep 1
     busy "$SERVER" "$span" >"$OUT/$name.server" &
     local s=$!
     busy "$client" "$span" >"$OUT/$name.client" &
@@ -152,7 +154,9 @@ row("p99 us", [lg(f"closed-baseline-{r}")["latency_us"]["p99"] for r in R],
 def busy(kind):
     """Median share of a core the server and the client used, each mode."""
     def side(mode, i):
-        return med([int(open(f"{out}/{kind}-{mode}-{r}.busy").read().split()[i]) for r in R])
+        got = [open(f"{out}/{kind}-{mode}-{r}.busy").read().split()[i] for r in R]
+        got = [int(x) for x in got if x != "-"]
+        return med(got) if got else "-"
     print(f"  {'busy (server / client)':<29}{side('baseline', 0):>5}% / {side('baseline', 1)}%"
           f"   {side('engine', 0):>3}% / {side('engine', 1)}%")
 busy("closed")

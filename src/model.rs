@@ -203,8 +203,9 @@ impl Facts {
 pub struct KeptFacts {
     /// user_id, ip_text, device_id, target, channel, product, currency.
     texts: Box<str>,
-    /// Where each text but the last ends in `texts`. (A request is a gRPC
-    /// message of a few megabytes at most, so its texts fit in `u32`.)
+    /// Where each text but the last ends in `texts`. (Validation bounds
+    /// every text to 128 bytes at most, and a snapshot holds only what was
+    /// validated, so the seven fit in `u32` many times over.)
     ends: [u32; 6],
     pub amount: i64,
     pub timestamp_ms: i64,

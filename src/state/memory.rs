@@ -149,7 +149,7 @@ struct Slot {
     /// recorded into; a window that is only read holds nothing.
     windows: Vec<(u64, i64, Agg)>,
     /// Boxed: most keys are not users' keys, and 8 bytes keep a map entry
-    /// within one cache line.
+    /// small (72 bytes with its key, see [`INLINE`]).
     profile: Option<Box<Profile>>,
 }
 
@@ -942,7 +942,7 @@ const SHARDS: usize = 2048;
 /// and a separator before the id ("user_id\x1f", 8 bytes; "device_id\x1f",
 /// 10), so 22 bytes left room for ids of 12 to 14 characters, and real ids
 /// are longer (a 19-digit account number, a 16-hex-digit Android id, an
-/// IPv6 address). A key on the heap costs every lookup a second dependent
+/// IPv6 address, most of the time). A key on the heap costs every lookup a second dependent
 /// cache miss, to compare it: with loadgen's 16-character ids, the three
 /// keys of a request inline took a fresh server from 78,400-79,600 to
 /// 79,700-79,800 requests/s. Ids that fitted before cost 8 bytes more a
