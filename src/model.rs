@@ -163,6 +163,36 @@ pub struct Facts {
 }
 
 impl Facts {
+    /// user_id, ip_text, device_id, target, channel, product, currency.
+    pub fn texts(&self) -> [&str; 7] {
+        [
+            &self.user_id,
+            &self.ip_text,
+            &self.device_id,
+            &self.target,
+            &self.channel,
+            &self.product,
+            &self.currency,
+        ]
+    }
+
+    /// Facts from their texts, in [`Facts::texts`] order.
+    pub fn from_texts(texts: [&str; 7], amount: i64, timestamp_ms: i64) -> Facts {
+        let [user_id, ip_text, device_id, target, channel, product, currency] =
+            texts.map(str::to_string);
+        Facts {
+            user_id,
+            ip_text,
+            device_id,
+            target,
+            channel,
+            product,
+            currency,
+            amount,
+            timestamp_ms,
+        }
+    }
+
     /// A field's value as text, without building a string (amount: None,
     /// see [`Facts::write`]).
     pub fn text(&self, field: Field) -> Option<&str> {
@@ -201,7 +231,7 @@ impl Facts {
 /// kept seven more blocks for every request it decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeptFacts {
-    /// user_id, ip_text, device_id, target, channel, product, currency.
+    /// The texts, in [`Facts::texts`] order, back to back.
     texts: Box<str>,
     /// Where each text but the last ends in `texts`. (Validation bounds
     /// every text to 128 bytes at most, and a snapshot holds only what was
@@ -213,15 +243,7 @@ pub struct KeptFacts {
 
 impl KeptFacts {
     pub fn new(f: &Facts) -> KeptFacts {
-        let parts = [
-            &f.user_id,
-            &f.ip_text,
-            &f.device_id,
-            &f.target,
-            &f.channel,
-            &f.product,
-            &f.currency,
-        ];
+        let parts = f.texts();
         let mut texts = String::with_capacity(parts.iter().map(|p| p.len()).sum());
         let mut ends = [0u32; 6];
         for (i, part) in parts.iter().enumerate() {
@@ -252,26 +274,14 @@ impl KeptFacts {
         self.part(0)
     }
 
-    /// user_id, ip_text, device_id, target, channel, product, currency.
+    /// The texts, in [`Facts::texts`] order.
     pub fn texts(&self) -> [&str; 7] {
         std::array::from_fn(|i| self.part(i))
     }
 
     /// The facts unpacked (outcomes).
     pub fn facts(&self) -> Facts {
-        let [user_id, ip_text, device_id, target, channel, product, currency] =
-            self.texts().map(str::to_string);
-        Facts {
-            user_id,
-            ip_text,
-            device_id,
-            target,
-            channel,
-            product,
-            currency,
-            amount: self.amount,
-            timestamp_ms: self.timestamp_ms,
-        }
+        Facts::from_texts(self.texts(), self.amount, self.timestamp_ms)
     }
 }
 
@@ -292,19 +302,7 @@ mod tests {
     use super::*;
 
     fn facts(texts: [&str; 7]) -> Facts {
-        let [user_id, ip_text, device_id, target, channel, product, currency] =
-            texts.map(str::to_string);
-        Facts {
-            user_id,
-            ip_text,
-            device_id,
-            target,
-            channel,
-            product,
-            currency,
-            amount: 12_345,
-            timestamp_ms: 1_700_000_000_123,
-        }
+        Facts::from_texts(texts, 12_345, 1_700_000_000_123)
     }
 
     #[test]
