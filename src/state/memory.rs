@@ -941,8 +941,8 @@ const SHARDS: usize = 2048;
 /// 30, not the 22 that a 24-byte key holds: a key is its group's prefix
 /// and a separator before the id ("user_id\x1f", 8 bytes; "device_id\x1f",
 /// 10), so 22 bytes left room for ids of 12 to 14 characters, and real ids
-/// are longer (a 19-digit account number, a 16-hex-digit Android id, an
-/// IPv6 address, most of the time). A key on the heap costs every lookup a second dependent
+/// are longer (a 19-digit account number, a 16-hex-digit Android id, most
+/// IPv6 addresses). A key on the heap costs every lookup a second dependent
 /// cache miss, to compare it: with loadgen's 16-character ids, the three
 /// keys of a request inline took a fresh server from 78,400-79,600 to
 /// 79,700-79,800 requests/s. Ids that fitted before cost 8 bytes more a
