@@ -4,6 +4,9 @@
 #
 #   bash scripts/bench-grpc.sh [ROUNDS] [SECONDS]
 #
+# PACING=tick: the open loops send in tokio's 1 ms bursts, as loadgen did
+# before session 12 (loadgen --pacing), instead of each request on time.
+#
 # Needs: a release build (cargo build --release), taskset, h2load
 # (Debian nghttp2-client), python3 with grpcio-tools (clients/python/requirements.txt).
 # Writes target/bench/*.json and prints a summary table.
@@ -11,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"
 SECS="${2:-10}"
+PACING="${PACING:-exact}"
 BIN=target/release/riskgate
 OUT=target/bench
 SERVER_CPU="${SERVER_CPU:-0}"
@@ -124,7 +128,7 @@ for share in 4 2; do
     for r in $(seq "$ROUNDS"); do
         for mode in baseline engine; do
             start "$mode"
-            loadgen "open$share-$mode-$r" --rate "$rate" --connections 4
+            loadgen "open$share-$mode-$r" --rate "$rate" --pacing "$PACING" --connections 4
             stop
         done
     done
@@ -167,7 +171,8 @@ print("h2load (16 x 16, dry-run body)")
 row("requests/s", [h2(f"h2load-baseline-{r}")[0] for r in R], [h2(f"h2load-engine-{r}")[0] for r in R])
 for share in (4, 2):
     rate = lg(f"open{share}-baseline-1")["rate"]
-    print(f"open loop at 1/{share} of the baseline peak ({rate:.0f}/s)")
+    pacing = lg(f"open{share}-baseline-1").get("pacing")
+    print(f"open loop at 1/{share} of the baseline peak ({rate:.0f}/s, {pacing} pacing)")
     for k in ("p50", "p99", "p999"):
         row(f"{k} us", [lg(f"open{share}-baseline-{r}")["latency_us"][k] for r in R],
             [lg(f"open{share}-engine-{r}")["latency_us"][k] for r in R])

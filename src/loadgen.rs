@@ -12,6 +12,8 @@
 //!   *intended* send time. A 200 ms stall then counts against every request
 //!   that should have gone out during it: no coordinated omission. Sends more
 //!   than 1 ms behind schedule are counted as `late`: the client's own share.
+//!   Each request leaves at its own due time, not in the millisecond bursts
+//!   that tokio's timer would make of the schedule (see [`Pacing`]).
 //!
 //! The open loop runs on sender threads of its own, one per available core
 //! (as many as `taskset` allows) up to one per connection, each a
@@ -91,6 +93,9 @@ pub struct Args {
     /// Open loop: requests per second in total, sent on schedule whatever the server does.
     #[arg(long, value_name = "RPS")]
     pub rate: Option<f64>,
+    /// Open loop: how sends keep to the schedule (see [`Pacing`]).
+    #[arg(long, value_enum, default_value_t = Pacing::Exact)]
+    pub pacing: Pacing,
     /// Measured time, e.g. 30s, 2m, 500ms [default: 10s unless --requests is given].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -138,6 +143,9 @@ pub struct Report {
     pub addr: String,
     /// Open loop: the target rate; null in closed loop.
     pub rate: Option<f64>,
+    /// Open loop: how sends kept to the schedule; null in closed loop.
+    #[serde(default)]
+    pub pacing: Option<Pacing>,
     pub connections: usize,
     /// Closed loop: workers per connection; 0 in open loop.
     pub streams: usize,
@@ -158,6 +166,37 @@ pub struct Report {
     /// Enforcing reason codes over all decisions (a decision may carry several).
     pub reasons: BTreeMap<String, u64>,
     pub latency_us: Latency,
+}
+
+/// How an open loop's sender keeps to its schedule.
+///
+/// tokio's timer ticks in milliseconds, so a sender that sleeps on it wakes
+/// once a millisecond and sends what fell due meanwhile in one go: bursts of
+/// rate/1000 requests, which queue behind each other on the server. At
+/// 29,000/s that is 29 requests at once, and the last of them waits for the
+/// other 28 to be served: the measured latency is then mostly the server's
+/// time per request times the burst, not what a request meets when traffic
+/// arrives spread out, as many independent callers' does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Pacing {
+    /// Each request leaves at its own due time: within a millisecond of it,
+    /// the sender polls its connections and checks the clock instead of
+    /// sleeping, so its thread keeps its core busy.
+    #[default]
+    Exact,
+    /// The sender sleeps on tokio's 1 ms timer and sends everything due by
+    /// the next tick at once (each request timed from when it really left).
+    Tick,
+}
+
+impl std::fmt::Display for Pacing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pacing::Exact => "exact",
+            Pacing::Tick => "tick",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,6 +293,9 @@ const MAX_US: u64 = 60_000_000;
 const LATE: Duration = Duration::from_millis(1);
 /// The resolution of tokio's timer.
 const TICK: Duration = Duration::from_millis(1);
+/// Exact pacing: how long before a send the sender stops sleeping and polls
+/// instead. Two ticks: a deadline rounded up by one still wakes it early.
+const SPIN: Duration = Duration::from_millis(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// gRPC status names by code, then one slot for answers with no known action.
 #[rustfmt::skip]
@@ -274,6 +316,7 @@ struct Plan {
     stop: Arc<AtomicBool>,
     progress: Progress,
     rate: f64,
+    pacing: Pacing,
     connections: u64,
     /// Open loop: send `g` leaves at start + g / rate; [warmup_index, stop_index) are measured.
     warmup_index: u64,
@@ -300,6 +343,7 @@ impl Plan {
             stop,
             progress: Progress::new(shards),
             rate,
+            pacing: args.pacing,
             connections: args.connections as u64,
             warmup_index,
             stop_index: warmup_index
@@ -783,11 +827,14 @@ impl Flights {
 /// waiting for room or in the server counts alike.
 ///
 /// tokio's timer ticks in milliseconds and rounds deadlines up, so waiting for
-/// `due` itself would add up to 1 ms to every sample. The scheduler wakes up to
-/// [`TICK`] early instead and sends everything due by then; a request sent
-/// before its due time is timed from its actual send: latency runs from the
-/// earlier of the two, never less than the server really took, never hiding
-/// that the sender fell behind.
+/// `due` itself would add up to 1 ms to every sample. With [`Pacing::Exact`]
+/// the scheduler sleeps only until [`SPIN`] before the next send, then
+/// yields in a loop (the runtime polls the connections' sockets each time
+/// round) until the send is due. With [`Pacing::Tick`] it wakes up to
+/// [`TICK`] early and sends everything due by then; a request sent before
+/// its due time is timed from its actual send. Either way latency runs from
+/// the earlier of the two, never less than the server really took, never
+/// hiding that the sender fell behind.
 ///
 /// The requests are driven by this task itself ([`Flights`]), on the thread
 /// that also runs their connections' HTTP/2 tasks: no task per request, no
@@ -798,6 +845,12 @@ async fn open_sender(shard: usize, mut conns: Vec<Conn>, plan: Arc<Plan>, budget
     let mut flights = Flights::new();
     let mut sleep = std::pin::pin!(tokio::time::sleep_until(plan.start));
     let (mut round, mut i, mut sending) = (0u64, 0usize, true);
+    // How early a send may leave: what the timer cannot resolve (Tick), or
+    // nothing (Exact).
+    let lead = match plan.pacing {
+        Pacing::Exact => Duration::ZERO,
+        Pacing::Tick => TICK,
+    };
     loop {
         let mut sent = 0;
         let mut next = None;
@@ -811,8 +864,8 @@ async fn open_sender(shard: usize, mut conns: Vec<Conn>, plan: Arc<Plan>, budget
                 break;
             }
             let due = plan.due(g);
-            if due > Instant::now() + TICK {
-                next = Some(due - TICK);
+            if due > Instant::now() + lead {
+                next = Some(due - lead);
                 break;
             }
             if flights.len >= budget || sent >= BURST {
@@ -839,13 +892,17 @@ async fn open_sender(shard: usize, mut conns: Vec<Conn>, plan: Arc<Plan>, budget
         if !sending && flights.len == 0 {
             break;
         }
-        if let Some(at) = next {
-            sleep.as_mut().reset(at);
+        // Exact pacing, the next send close: no timer, a turn of the runtime.
+        let spin = lead.is_zero() && next.is_some_and(|at| at <= Instant::now() + SPIN);
+        if let Some(at) = next.filter(|_| !spin) {
+            sleep
+                .as_mut()
+                .reset(if lead.is_zero() { at - SPIN } else { at });
         }
         let cut = sent >= BURST;
         std::future::poll_fn(|cx| {
             let finished = flights.poll(cx, &mut tally, progress);
-            if cut {
+            if cut || spin {
                 return Poll::Ready(());
             }
             if next.is_some() && sleep.as_mut().poll(cx).is_ready() {
@@ -858,7 +915,7 @@ async fn open_sender(shard: usize, mut conns: Vec<Conn>, plan: Arc<Plan>, budget
             Poll::Pending
         })
         .await;
-        if cut {
+        if cut || spin {
             tokio::task::yield_now().await;
         }
     }
@@ -966,6 +1023,7 @@ impl Tally {
             },
             addr,
             rate: args.rate,
+            pacing: args.rate.map(|_| args.pacing),
             connections: args.connections,
             streams: if args.rate.is_some() { 0 } else { args.streams },
             seed: args.seed,
@@ -1120,7 +1178,11 @@ pub fn table(r: &Report) -> String {
         }
     };
     let shape = match r.rate {
-        Some(rate) => format!("open loop, {rate} req/s over {} connections", r.connections),
+        Some(rate) => format!(
+            "open loop, {rate} req/s over {} connections, {} pacing",
+            r.connections,
+            r.pacing.unwrap_or_default()
+        ),
         None => format!(
             "closed loop, {} connections x {} streams",
             r.connections, r.streams

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use clap::Parser;
-use riskgate::loadgen::{self, Args, Mode, Report};
+use riskgate::loadgen::{self, Args, Mode, Pacing, Report};
 
 #[derive(Parser)]
 struct Cli {
@@ -89,6 +89,7 @@ fn check(report: &Report, requests: u64) {
         "latency_us",
         "mode",
         "rate",
+        "pacing",
         "connections",
         "streams",
         "late",
@@ -108,8 +109,13 @@ async fn closed_loop_counts_every_request() {
     let report = loadgen::run(&args).await.expect("run");
     assert_eq!(report.mode, Mode::Closed);
     assert_eq!(
-        (report.connections, report.streams, report.rate),
-        (2, 8, None)
+        (
+            report.connections,
+            report.streams,
+            report.rate,
+            report.pacing
+        ),
+        (2, 8, None, None)
     );
     check(&report, 2000);
 }
@@ -117,15 +123,18 @@ async fn closed_loop_counts_every_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn open_loop_sends_on_schedule() {
     let (addr, _stop) = start().await;
-    let args = args(
-        &addr,
-        &["--rate", "500", "--duration", "2s", "--connections", "2"],
-    );
-    let report = loadgen::run(&args).await.expect("run");
-    assert_eq!(report.mode, Mode::Open);
-    assert_eq!(report.rate, Some(500.0));
-    // The schedule, not the clock, decides the count: 500/s for 2 s.
-    check(&report, 1000);
+    for (flag, pacing) in [(None, Pacing::Exact), (Some("tick"), Pacing::Tick)] {
+        let mut flags = vec!["--rate", "500", "--duration", "2s", "--connections", "2"];
+        flags.extend(flag.map(|f| ["--pacing", f]).into_iter().flatten());
+        let report = loadgen::run(&args(&addr, &flags)).await.expect("run");
+        assert_eq!(report.mode, Mode::Open);
+        assert_eq!(report.rate, Some(500.0));
+        assert_eq!(report.pacing, Some(pacing), "{flags:?}");
+        // The schedule, not the clock, decides the count: 500/s for 2 s.
+        check(&report, 1000);
+        let table = loadgen::table(&report);
+        assert!(table.contains(&format!("{pacing} pacing")), "{table}");
+    }
 }
 
 #[tokio::test]
