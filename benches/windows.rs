@@ -28,6 +28,9 @@
 //! - `window/distinct_add_fresh`: a new value on every add, at the
 //!   [`MAX_DISTINCT`](riskgate::state::window::MAX_DISTINCT) bound (a device
 //!   cycling through made-up user ids): every add forgets the oldest value.
+//! - `window/profile_view_full`: `Profile::view` of an active user's profile
+//!   (the 32 located events kept, in two regions), as every request of a
+//!   known user takes it.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv6Addr};
@@ -40,6 +43,7 @@ use riskgate::geo::{GeoDb, Location};
 use riskgate::model::{Account, AccountStatus, Facts, Recharge};
 use riskgate::pack::Pack;
 use riskgate::state::memory::MemoryLimits;
+use riskgate::state::profile::{Profile, RECENT};
 use riskgate::state::window::{Distinct, Series, Shape};
 use riskgate::state::MemoryStore;
 
@@ -228,6 +232,21 @@ fn main() {
                 let (ts, v) = next();
                 distinct.add(shape, black_box(ts), v.wrapping_mul(0x9e37_79b9_7f4a_7c15))
             });
+        });
+    }
+
+    {
+        // An active user's profile: RECENT located events, in two regions
+        // (home and work), all within the span; the view every request takes.
+        let home = Location::new("CN".into(), "Beijing".into(), "Beijing".into(), 39.9, 116.4);
+        let work = Location::new("CN".into(), "Hebei".into(), "Langfang".into(), 39.5, 116.7);
+        let mut profile = Profile::default();
+        for i in 0..RECENT as i64 {
+            profile.learn(T0_MS + i * 60_000, if i % 3 == 0 { &work } else { &home });
+        }
+        let now = T0_MS + 3_600_000;
+        g.bench_function("profile_view_full", |b| {
+            b.iter(|| profile.view(black_box(now), 30 * 86_400_000, Some(&home)));
         });
     }
 
