@@ -84,7 +84,8 @@ def one(mode, r):
     return (u1 - u0) / hz * 1e6 / n, (s1 - s0) / hz * 1e6 / n, rep["latency_us"]["p99"], rep["rps"]
 rows = {m: [one(m, r) for r in range(1, rounds + 1)] for m in ("baseline", "engine")}
 med = lambda m, i: st.median(x[i] for x in rows[m])
-print(f"open loop at {rate}/s, {users} users; medians of {rounds}; server CPU per request\n")
+pacing = json.load(open(f"{out}/cpu-baseline-1.json")).get("pacing")
+print(f"open loop at {rate}/s ({pacing} pacing), {users} users; medians of {rounds}; server CPU per request\n")
 print("                      baseline      engine   engine - baseline")
 for i, name in ((0, "user us/request"), (1, "system us/request")):
     b, e = med("baseline", i), med("engine", i)

@@ -93,7 +93,8 @@ pub struct Args {
     /// Open loop: requests per second in total, sent on schedule whatever the server does.
     #[arg(long, value_name = "RPS")]
     pub rate: Option<f64>,
-    /// Open loop: how sends keep to the schedule (see [`Pacing`]).
+    /// Open loop: exact sends each request at its due time (the sender keeps its
+    /// core busy); tick sends what falls due in 1 ms bursts, as tokio's timer ticks.
     #[arg(long, value_enum, default_value_t = Pacing::Exact)]
     pub pacing: Pacing,
     /// Measured time, e.g. 30s, 2m, 500ms [default: 10s unless --requests is given].
@@ -143,7 +144,8 @@ pub struct Report {
     pub addr: String,
     /// Open loop: the target rate; null in closed loop.
     pub rate: Option<f64>,
-    /// Open loop: how sends kept to the schedule; null in closed loop.
+    /// Open loop: how sends kept to the schedule; null in closed loop (and
+    /// absent from reports older than the field, which were tick-paced).
     #[serde(default)]
     pub pacing: Option<Pacing>,
     pub connections: usize,
@@ -172,7 +174,8 @@ pub struct Report {
 ///
 /// tokio's timer ticks in milliseconds, so a sender that sleeps on it wakes
 /// once a millisecond and sends what fell due meanwhile in one go: bursts of
-/// rate/1000 requests, which queue behind each other on the server. At
+/// rate/1000 requests (shared among the sender threads), which queue behind
+/// each other on the server. At
 /// 29,000/s that is 29 requests at once, and the last of them waits for the
 /// other 28 to be served: the measured latency is then mostly the server's
 /// time per request times the burst, not what a request meets when traffic
@@ -180,8 +183,8 @@ pub struct Report {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Pacing {
-    /// Each request leaves at its own due time: within a millisecond of it,
-    /// the sender polls its connections and checks the clock instead of
+    /// Each request leaves at its own due time: within [`SPIN`] (2 ms) of
+    /// it, the sender polls its connections and checks the clock instead of
     /// sleeping, so its thread keeps its core busy.
     #[default]
     Exact,
@@ -692,8 +695,9 @@ struct Conn {
 
 /// Sends a scheduler makes before it yields, so that the HTTP/2 tasks on its
 /// thread write them out (and read answers) before it prepares more. With one
-/// client core at 20k/s, p50 was 315 us with batches of 4, 482 us with 8,
-/// 626 us with 16 and 731 us with 32; batches of 4 made more sends late.
+/// client core at 20k/s and tick pacing (the only pacing then), p50 was
+/// 315 us with batches of 4, 482 us with 8, 626 us with 16 and 731 us with
+/// 32; batches of 4 made more sends late.
 const BURST: usize = 8;
 
 type Call = Pin<Box<dyn Future<Output = Answer>>>;
@@ -1179,9 +1183,12 @@ pub fn table(r: &Report) -> String {
     };
     let shape = match r.rate {
         Some(rate) => format!(
-            "open loop, {rate} req/s over {} connections, {} pacing",
+            "open loop, {rate} req/s over {} connections{}",
             r.connections,
-            r.pacing.unwrap_or_default()
+            // Reports from before session 12 have none (and were tick).
+            r.pacing
+                .map(|p| format!(", {p} pacing"))
+                .unwrap_or_default()
         ),
         None => format!(
             "closed loop, {} connections x {} streams",

@@ -78,7 +78,7 @@ fn check(report: &Report, requests: u64) {
         &serde_json::from_str::<Report>(&json).expect("deserialize"),
         report
     );
-    let value: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let mut value: serde_json::Value = serde_json::from_str(&json).expect("json");
     for field in [
         "requests",
         "errors",
@@ -97,6 +97,11 @@ fn check(report: &Report, requests: u64) {
         assert!(value.get(field).is_some(), "no {field} in {json}");
     }
     assert!(loadgen::table(report).contains("p99.9"));
+    // A report from before the pacing field still reads, with none.
+    value.as_object_mut().expect("object").remove("pacing");
+    let old: Report = serde_json::from_value(value).expect("a report without pacing");
+    assert_eq!(old.pacing, None);
+    assert!(!loadgen::table(&old).contains("pacing"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
