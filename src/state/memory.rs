@@ -173,6 +173,20 @@ fn with_key<R>(f: impl FnOnce(&mut String) -> R) -> R {
     out
 }
 
+thread_local! {
+    /// This thread's buffer for a request's keys side by side (see
+    /// [`MemoryStore::touch_windows`]).
+    static KEYS: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+}
+
+/// Runs `f` with this thread's buffer of keys (taken, as in [`with_key`]).
+fn with_keys<R>(f: impl FnOnce(&mut String) -> R) -> R {
+    let mut keys = KEYS.take();
+    let out = f(&mut keys);
+    KEYS.set(keys);
+    out
+}
+
 /// A user's key ("user_id\x1fU") into `key`.
 fn user_key(user_id: &str, key: &mut String) {
     key.clear();
@@ -503,33 +517,79 @@ impl MemoryStore {
         how: impl Fn(&Window) -> Touch,
         mut on_user: impl FnMut(Option<&mut Slot>),
     ) {
-        // This thread's key buffer: every request builds several keys.
+        let ts = facts.timestamp_ms;
+        // One key's windows: `records` of them record (so an absent key is
+        // created for them), the rest are read.
+        let mut visit = |mut slot: Option<&mut Slot>,
+                         held: &Held<'_>,
+                         user: bool,
+                         records: usize,
+                         values: &mut [i64]| {
+            if let Some(slot) = slot.as_deref_mut() {
+                if slot.windows.len() + records > SLOT_WINDOWS {
+                    slot.shed(|sig| held.owns(sig), ts, records);
+                }
+                slot.make_room(records);
+            }
+            for (i, sig) in held.windows() {
+                let w = &plan.windows[i];
+                values[i] = touch(slot.as_deref_mut(), w, sig, how(w), ts);
+            }
+            if user {
+                on_user(slot);
+            }
+        };
+        // This thread's buffers: every request builds several keys.
         with_key(|key| {
-            let ts = facts.timestamp_ms;
-            for_each_home(plan, facts, key, |key, held, user| {
-                let records = held
-                    .indices()
-                    .filter(|&i| matches!(how(&plan.windows[i]), Touch::Record(_)))
-                    .count();
-                let mut visit = |mut slot: Option<&mut Slot>, values: &mut [i64]| {
-                    if let Some(slot) = slot.as_deref_mut() {
-                        if slot.windows.len() + records > SLOT_WINDOWS {
-                            slot.shed(|sig| held.owns(sig), ts, records);
-                        }
-                        slot.make_room(records);
+            with_keys(|all| {
+                // Every key first, then all of them under their locks at once
+                // (see `Bounded::visit_many`).
+                let mut homes: SmallVec<[Visit<'_>; MANY]> = SmallVec::new();
+                all.clear();
+                for_each_home(plan, facts, key, |key, held, user| {
+                    let records = held
+                        .indices()
+                        .filter(|&i| matches!(how(&plan.windows[i]), Touch::Record(_)))
+                        .count();
+                    let start = all.len();
+                    all.push_str(key);
+                    homes.push(Visit {
+                        at: start..all.len(),
+                        held,
+                        user,
+                        records,
+                    });
+                });
+                let keys: SmallVec<[(&str, bool); MANY]> = homes
+                    .iter()
+                    .map(|v| (&all[v.at.clone()], v.records > 0))
+                    .collect();
+                let together = self.windows.visit_many(&keys, |slots| {
+                    // Each slot's window list is one more miss: load them all
+                    // before the work on the first, so they overlap too.
+                    let first = slots
+                        .iter()
+                        .flatten()
+                        .filter_map(|s| s.windows.first())
+                        .fold(0u64, |acc, w| acc ^ w.0);
+                    std::hint::black_box(first);
+                    for (v, slot) in homes.iter().zip(slots) {
+                        visit(slot.as_deref_mut(), &v.held, v.user, v.records, values);
                     }
-                    for (i, sig) in held.windows() {
-                        let w = &plan.windows[i];
-                        values[i] = touch(slot.as_deref_mut(), w, sig, how(w), ts);
+                });
+                if together.is_some() {
+                    return;
+                }
+                // Two keys on one shard (or more keys than `MANY`): one at a time.
+                for (v, (key, _)) in homes.iter().zip(&keys) {
+                    let (held, user, records) = (&v.held, v.user, v.records);
+                    if records > 0 {
+                        self.windows
+                            .update(key, |slot| visit(Some(slot), held, user, records, values));
+                    } else {
+                        self.windows
+                            .read_mut(key, |slot| visit(slot, held, user, records, values));
                     }
-                    if user {
-                        on_user(slot);
-                    }
-                };
-                if records > 0 {
-                    self.windows.update(key, |slot| visit(Some(slot), values));
-                } else {
-                    self.windows.read_mut(key, |slot| visit(slot, values));
                 }
             })
         })
@@ -825,6 +885,16 @@ struct Held<'p> {
     parts: SmallVec<[(&'p [usize], u64); 4]>,
 }
 
+/// One key a request visits ([`MemoryStore::touch_windows`]): where its text
+/// lies in the buffer of the request's keys, the windows it holds, whether
+/// it is the user's key, and how many of its windows record.
+struct Visit<'p> {
+    at: std::ops::Range<usize>,
+    held: Held<'p>,
+    user: bool,
+    records: usize,
+}
+
 /// Most windows one slot holds (see [`Slot::shed`]): far more than a pack
 /// has windows per key, and than the distinct orders an honest user places
 /// within an order window's span.
@@ -868,7 +938,7 @@ fn for_each_home<'p>(
     plan: &'p WindowPlan,
     facts: &Facts,
     key: &mut String,
-    mut visit: impl FnMut(&str, &Held<'p>, bool),
+    mut visit: impl FnMut(&str, Held<'p>, bool),
 ) {
     let mut user = Held {
         plan,
@@ -882,7 +952,7 @@ fn for_each_home<'p>(
         if Home::of(group) == Home::Own {
             let mut parts = SmallVec::new();
             parts.push((windows, 0));
-            visit(key, &Held { plan, parts }, false);
+            visit(key, Held { plan, parts }, false);
         } else if group.fields.len() == 1 {
             user.parts.push((windows, 0));
         } else {
@@ -893,7 +963,7 @@ fn for_each_home<'p>(
     }
     if !user.parts.is_empty() {
         user_key(&facts.user_id, key);
-        visit(key, &user, true);
+        visit(key, user, true);
     }
 }
 
@@ -1043,6 +1113,10 @@ struct Bounded<V> {
     sweeping: Mutex<()>,
 }
 
+/// Most keys [`Bounded::visit_many`] takes at once: a request's homes (the
+/// user's key and one per other key group; the shipped pack has three).
+const MANY: usize = 4;
+
 /// Stamps a thread takes from a map's clock at once.
 const LEASE: u64 = 64;
 
@@ -1179,6 +1253,96 @@ impl<V: Default + Marked> Bounded<V> {
             self.evict();
         }
         out
+    }
+
+    /// Runs `f` on the entries of several keys at once, holding all their
+    /// shards' locks, taken in shard order. A key `(key, true)` is created
+    /// when absent, as by [`Bounded::update`]; for `(key, false)` `f` sees
+    /// `None` when absent, as from [`Bounded::read_mut`]. Returns `None`,
+    /// having done nothing, when two keys share a shard or there are more
+    /// than [`MANY`]: the caller then goes one key at a time.
+    ///
+    /// Why: a key's lookup is a chain of cache misses (the shard's lock, the
+    /// control bytes, the bucket), and on x86 taking a lock orders every
+    /// load after it. One key at a time, each key's chain waits for the one
+    /// before; with the locks taken first, the lookups have nothing between
+    /// them and the core overlaps their misses. Taking locks in shard order
+    /// cannot deadlock with another caller doing the same, and every other
+    /// path holds one shard at a time.
+    fn visit_many<R>(
+        &self,
+        keys: &[(&str, bool)],
+        f: impl FnOnce(&mut [Option<&mut V>]) -> R,
+    ) -> Option<R> {
+        if keys.len() > MANY {
+            return None;
+        }
+        // (shard, hash, index in `keys`), in shard order.
+        let mut at: SmallVec<[(usize, u64, usize); MANY]> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (key, _))| {
+                let hash = self.map.hash_usize(&key.as_bytes()) as u64;
+                (self.map.determine_shard(hash as usize), hash, i)
+            })
+            .collect();
+        at.sort_unstable_by_key(|&(shard, _, _)| shard);
+        if at.windows(2).any(|p| p[0].0 == p[1].0) {
+            return None;
+        }
+        let shards = self.map.shards();
+        let mut guards: SmallVec<[_; MANY]> =
+            at.iter().map(|&(s, _, _)| shards[s].write()).collect();
+        let rehash = |(k, _): &(Key, dashmap::SharedValue<Stamped<V>>)| {
+            self.map.hash_usize(&k.as_bytes()) as u64
+        };
+        let mut inserted = 0;
+        let mut entries: SmallVec<[Option<&mut Stamped<V>>; MANY]> =
+            keys.iter().map(|_| None).collect();
+        for (table, &(_, hash, i)) in guards.iter_mut().zip(&at) {
+            let (key, create) = keys[i];
+            let eq =
+                |(k, _): &(Key, dashmap::SharedValue<Stamped<V>>)| k.as_bytes() == key.as_bytes();
+            if create && table.get(hash, eq).is_none() {
+                let fresh = Stamped {
+                    touched: 0,
+                    value: V::default(),
+                };
+                table.insert(
+                    hash,
+                    (Key::from(key), dashmap::SharedValue::new(fresh)),
+                    rehash,
+                );
+                inserted += 1;
+            }
+            entries[i] = table.get_mut(hash, eq).map(|(_, v)| v.get_mut());
+            if let (Some(e), true) = (entries[i].as_deref_mut(), create) {
+                e.touched = self.tick();
+            }
+        }
+        let was: SmallVec<[bool; MANY]> = entries
+            .iter()
+            .map(|e| e.as_ref().is_some_and(|e| e.value.is_marked()))
+            .collect();
+        let mut values: SmallVec<[Option<&mut V>; MANY]> = entries
+            .iter_mut()
+            .map(|e| e.as_deref_mut().map(|e| &mut e.value))
+            .collect();
+        let out = f(&mut values);
+        for (v, was) in values.iter().zip(was) {
+            match (v.as_ref().is_some_and(|v| v.is_marked()), was) {
+                (true, false) => self.marked.fetch_add(1, Ordering::Relaxed),
+                (false, true) => self.marked.fetch_sub(1, Ordering::Relaxed),
+                _ => 0,
+            };
+        }
+        drop(values);
+        drop(entries);
+        drop(guards);
+        if inserted > 0 && self.len.fetch_add(inserted, Ordering::AcqRel) + inserted > self.cap {
+            self.evict();
+        }
+        Some(out)
     }
 
     /// Runs `f` on the entry for `key` if there is one; creates nothing.
@@ -1549,6 +1713,130 @@ mod tests {
         }
         assert_eq!(map.read(&"x".repeat(INLINE - 1), |v| v.copied()), None);
         assert_eq!(map.len(), keys.len());
+    }
+
+    /// Some key that lands on the same shard of `map` as `key`.
+    fn shard_mate<V: Default + Marked>(map: &Bounded<V>, key: &str) -> String {
+        let shard = map.map.determine_map(key.as_bytes());
+        (0..)
+            .map(|i| format!("mate{i}"))
+            .find(|k| map.map.determine_map(k.as_bytes()) == shard)
+            .expect("some key shares the shard")
+    }
+
+    #[test]
+    fn many_keys_at_once_create_read_and_are_found_one_by_one() {
+        let map: Bounded<u32> = Bounded::new(100);
+        map.update("old", |v| *v = 7);
+        let seen = map.visit_many(&[("a", true), ("b", false), ("old", false)], |slots| {
+            let seen: Vec<_> = slots.iter().map(|s| s.as_deref().copied()).collect();
+            if let Some(a) = slots[0].as_deref_mut() {
+                *a = 1;
+            }
+            if let Some(old) = slots[2].as_deref_mut() {
+                *old += 1;
+            }
+            seen
+        });
+        // Created, absent (a read creates nothing), found.
+        assert_eq!(seen, Some(vec![Some(0), None, Some(7)]));
+        assert_eq!(map.len(), 2);
+        // dashmap's own lookups find what the shards' tables were given.
+        assert_eq!(map.read("a", |v| v.copied()), Some(1));
+        assert_eq!(map.read("b", |v| v.copied()), None);
+        assert_eq!(map.read("old", |v| v.copied()), Some(8));
+        map.update("a", |v| *v += 1);
+        assert_eq!(map.map.len(), 2, "no second entry for a");
+        assert_eq!(
+            map.visit_many(&[("a", false)], |s| s[0].as_deref().copied()),
+            Some(Some(2))
+        );
+    }
+
+    #[test]
+    fn many_keys_on_one_shard_are_left_to_the_caller() {
+        let map: Bounded<u32> = Bounded::new(100);
+        let mate = shard_mate(&map, "a");
+        assert_eq!(map.visit_many(&[("a", true), (&mate, true)], |_| ()), None);
+        let five: Vec<_> = (0..=MANY).map(|i| (format!("k{i}"), true)).collect();
+        let five: Vec<_> = five.iter().map(|(k, c)| (k.as_str(), *c)).collect();
+        assert_eq!(map.visit_many(&five, |_| ()), None);
+        assert_eq!(map.len(), 0, "nothing created");
+    }
+
+    #[test]
+    fn many_keys_at_once_keep_the_cap() {
+        let map: Bounded<u32> = Bounded::new(10);
+        for i in 0..20 {
+            let (a, b) = (format!("a{i}"), format!("b{i}"));
+            if map.visit_many(&[(&a, true), (&b, true)], |_| ()).is_none() {
+                map.update(&a, |_| ());
+                map.update(&b, |_| ());
+            }
+            assert!(map.len() <= 10, "{}", map.len());
+        }
+        assert!(map.evicted() >= 30);
+    }
+
+    #[test]
+    fn keys_on_one_shard_count_as_keys_on_many() {
+        // Windows on the user and on the device, one request after another:
+        // once with the two keys on different shards (visited together),
+        // once on the same shard (visited one by one).
+        let window = |sig, group| Window {
+            name: format!("w{sig}"),
+            sig,
+            shape: Shape::new(600_000),
+            aggregate: Aggregate::Count,
+            counts: Counts::Attempts,
+            min_amount: 0,
+            group,
+        };
+        let plan = WindowPlan {
+            windows: vec![window(1, 0), window(2, 1)],
+            groups: vec![
+                KeyGroup {
+                    fields: vec![Field::UserId],
+                    prefix: "user_id".into(),
+                    windows: vec![0],
+                },
+                KeyGroup {
+                    fields: vec![Field::DeviceId],
+                    prefix: "device_id".into(),
+                    windows: vec![1],
+                },
+            ],
+            profile_span_ms: 30 * 86_400_000,
+        };
+        let store = MemoryStore::new(MemoryLimits::default());
+        let user_key = "user_id\x1fu1";
+        let apart = (0..)
+            .map(|i| format!("d{i}"))
+            .find(|d| {
+                let dev = format!("device_id\x1f{d}");
+                store.windows.map.determine_map(dev.as_bytes())
+                    != store.windows.map.determine_map(user_key.as_bytes())
+            })
+            .expect("a device on another shard");
+        let same = (0..)
+            .map(|i| format!("s{i}"))
+            .find(|d| {
+                let dev = format!("device_id\x1f{d}");
+                store.windows.map.determine_map(dev.as_bytes())
+                    == store.windows.map.determine_map(user_key.as_bytes())
+            })
+            .expect("a device on the user's shard");
+        for device in [apart, same] {
+            let store = MemoryStore::new(MemoryLimits::default());
+            let mut r = recharge("u1", 1_000);
+            r.facts.device_id = device.clone();
+            for n in 1..=3 {
+                r.facts.timestamp_ms += 1_000;
+                let begun = store.begin(&plan, &r, None, true);
+                assert_eq!(begun.windows, [n, n], "device {device}");
+            }
+            assert_eq!(store.stats().window_keys, 2);
+        }
     }
 
     #[test]
