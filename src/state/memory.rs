@@ -1,5 +1,6 @@
-//! The embedded in-memory store (the default): dashmap shards, one lock per
-//! key per request, bounded by a cap on tracked keys.
+//! The embedded in-memory store (the default): dashmap shards, a request's
+//! keys looked up together under their shards' locks, bounded by a cap on
+//! tracked keys.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
