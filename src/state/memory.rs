@@ -507,9 +507,10 @@ impl MemoryStore {
         })
     }
 
-    /// Visits every key the request's windows live under: one lock per key,
-    /// during which each window there is recorded and/or read as `how`
-    /// says. Under the user's key, `on_user` sees the slot too.
+    /// Visits every key the request's windows live under, all under their
+    /// shards' locks at once ([`Bounded::visit_many`]; one key at a time when
+    /// two share a shard), recording and/or reading each window there as
+    /// `how` says. Under the user's key, `on_user` sees the slot too.
     fn touch_windows(
         &self,
         plan: &WindowPlan,
