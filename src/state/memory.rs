@@ -1151,7 +1151,7 @@ impl<V: Default + Marked> Bounded<V> {
             // lock one shard at a time, so a request waits at most for one
             // small shard's walk (the default, a few shards per core,
             // stalled requests for tens of milliseconds at a few hundred
-            // thousand keys). foldhash: a fast hash, seeded per process, so
+            // thousand keys). foldhash: a fast hash, seeded per map, so
             // keys chosen by an attacker cannot be made to collide.
             map: DashMap::with_hasher_and_shard_amount(Default::default(), SHARDS),
             id: MAP_IDS.fetch_add(1, Ordering::Relaxed),
@@ -1269,8 +1269,10 @@ impl<V: Default + Marked> Bounded<V> {
     /// load after it. One key at a time, each key's chain waits for the one
     /// before; with the locks taken first, the lookups have nothing between
     /// them and the core overlaps their misses. Taking locks in shard order
-    /// cannot deadlock with another caller doing the same, and every other
-    /// path holds one shard at a time.
+    /// cannot deadlock with another caller doing the same; every other path
+    /// holds one shard at a time, or (dashmap's iterators, in snapshots and
+    /// evictions) takes the next shard before letting go of the last, also
+    /// in ascending order.
     fn visit_many<R>(
         &self,
         keys: &[(&str, bool)],
@@ -1305,19 +1307,21 @@ impl<V: Default + Marked> Bounded<V> {
             let (key, create) = keys[i];
             let eq =
                 |(k, _): &(Key, dashmap::SharedValue<Stamped<V>>)| k.as_bytes() == key.as_bytes();
-            if create && table.get(hash, eq).is_none() {
+            entries[i] = if create && table.get(hash, eq).is_none() {
                 let fresh = Stamped {
                     touched: 0,
                     value: V::default(),
                 };
-                table.insert(
+                inserted += 1;
+                let (_, v) = table.insert_entry(
                     hash,
                     (Key::from(key), dashmap::SharedValue::new(fresh)),
                     rehash,
                 );
-                inserted += 1;
-            }
-            entries[i] = table.get_mut(hash, eq).map(|(_, v)| v.get_mut());
+                Some(v.get_mut())
+            } else {
+                table.get_mut(hash, eq).map(|(_, v)| v.get_mut())
+            };
             if let (Some(e), true) = (entries[i].as_deref_mut(), create) {
                 e.touched = self.tick();
             }
@@ -1717,20 +1721,35 @@ mod tests {
         assert_eq!(map.len(), keys.len());
     }
 
-    /// Some key that lands on the same shard of `map` as `key`.
-    fn shard_mate<V: Default + Marked>(map: &Bounded<V>, key: &str) -> String {
-        let shard = map.map.determine_map(key.as_bytes());
+    /// `{prefix}{i}` for the first `i` that lands on the same shard of `map`
+    /// as `key` (`same`), or on another. Each map has its own seed, so this
+    /// holds for `map` only.
+    fn key_by_shard<V: Default + Marked>(
+        map: &Bounded<V>,
+        key: &str,
+        prefix: &str,
+        same: bool,
+    ) -> String {
+        let shard = |k: &str| map.map.determine_map(k.as_bytes());
         (0..)
-            .map(|i| format!("mate{i}"))
-            .find(|k| map.map.determine_map(k.as_bytes()) == shard)
-            .expect("some key shares the shard")
+            .map(|i| format!("{prefix}{i}"))
+            .find(|k| (shard(k) == shard(key)) == same)
+            .expect("some key lands there")
     }
 
     #[test]
     fn many_keys_at_once_create_read_and_are_found_one_by_one() {
         let map: Bounded<u32> = Bounded::new(100);
         map.update("old", |v| *v = 7);
-        let seen = map.visit_many(&[("a", true), ("b", false), ("old", false)], |slots| {
+        // Three keys on three shards of this map.
+        let a = key_by_shard(&map, "old", "a", false);
+        let shard = |k: &str| map.map.determine_map(k.as_bytes());
+        let b = (0..)
+            .map(|i| format!("b{i}"))
+            .find(|b| shard(b) != shard("old") && shard(b) != shard(&a))
+            .expect("a third shard");
+        let (a, b) = (a.as_str(), b.as_str());
+        let seen = map.visit_many(&[(a, true), (b, false), ("old", false)], |slots| {
             let seen: Vec<_> = slots.iter().map(|s| s.as_deref().copied()).collect();
             if let Some(a) = slots[0].as_deref_mut() {
                 *a = 1;
@@ -1744,21 +1763,53 @@ mod tests {
         assert_eq!(seen, Some(vec![Some(0), None, Some(7)]));
         assert_eq!(map.len(), 2);
         // dashmap's own lookups find what the shards' tables were given.
-        assert_eq!(map.read("a", |v| v.copied()), Some(1));
-        assert_eq!(map.read("b", |v| v.copied()), None);
+        assert_eq!(map.read(a, |v| v.copied()), Some(1));
+        assert_eq!(map.read(b, |v| v.copied()), None);
         assert_eq!(map.read("old", |v| v.copied()), Some(8));
-        map.update("a", |v| *v += 1);
+        map.update(a, |v| *v += 1);
         assert_eq!(map.map.len(), 2, "no second entry for a");
         assert_eq!(
-            map.visit_many(&[("a", false)], |s| s[0].as_deref().copied()),
+            map.visit_many(&[(a, false)], |s| s[0].as_deref().copied()),
             Some(Some(2))
         );
     }
 
     #[test]
+    fn keys_made_many_at_once_survive_their_tables_growing() {
+        // Enough keys that every shard's table grows several times, moving
+        // what `visit_many` put there by the hash it gave the table.
+        let map: Bounded<u32> = Bounded::new(1_000_000);
+        let keys: Vec<String> = (0..40_000).map(|i| format!("key{i}")).collect();
+        let value = |k: &str| k[3..].parse::<u32>().expect("a number") + 1;
+        let mut together = 0;
+        for pair in keys.chunks(2) {
+            let batch: Vec<(&str, bool)> = pair.iter().map(|k| (k.as_str(), true)).collect();
+            let set = |slots: &mut [Option<&mut u32>]| {
+                for (slot, (k, _)) in slots.iter_mut().zip(&batch) {
+                    if let Some(v) = slot.as_deref_mut() {
+                        *v = value(k);
+                    }
+                }
+            };
+            if map.visit_many(&batch, set).is_some() {
+                together += 1;
+            } else {
+                for k in pair {
+                    map.update(k, |v| *v = value(k));
+                }
+            }
+        }
+        assert!(together > 19_000, "{together} pairs visited together");
+        assert_eq!((map.len(), map.map.len()), (keys.len(), keys.len()));
+        for k in &keys {
+            assert_eq!(map.read(k, |v| v.copied()), Some(value(k)), "{k}");
+        }
+    }
+
+    #[test]
     fn many_keys_on_one_shard_are_left_to_the_caller() {
         let map: Bounded<u32> = Bounded::new(100);
-        let mate = shard_mate(&map, "a");
+        let mate = key_by_shard(&map, "a", "mate", true);
         assert_eq!(map.visit_many(&[("a", true), (&mate, true)], |_| ()), None);
         let five: Vec<_> = (0..=MANY).map(|i| (format!("k{i}"), true)).collect();
         let five: Vec<_> = five.iter().map(|(k, c)| (k.as_str(), *c)).collect();
@@ -1810,34 +1861,23 @@ mod tests {
             ],
             profile_span_ms: 30 * 86_400_000,
         };
-        let store = MemoryStore::new(MemoryLimits::default());
         let user_key = "user_id\x1fu1";
-        let apart = (0..)
-            .map(|i| format!("d{i}"))
-            .find(|d| {
-                let dev = format!("device_id\x1f{d}");
-                store.windows.map.determine_map(dev.as_bytes())
-                    != store.windows.map.determine_map(user_key.as_bytes())
-            })
-            .expect("a device on another shard");
-        let same = (0..)
-            .map(|i| format!("s{i}"))
-            .find(|d| {
-                let dev = format!("device_id\x1f{d}");
-                store.windows.map.determine_map(dev.as_bytes())
-                    == store.windows.map.determine_map(user_key.as_bytes())
-            })
-            .expect("a device on the user's shard");
-        for device in [apart, same] {
+        for same in [false, true] {
             let store = MemoryStore::new(MemoryLimits::default());
+            // The device is chosen against this store's own seed.
+            let key = key_by_shard(&store.windows, user_key, "device_id\x1fd", same);
+            let pair = [(user_key, false), (key.as_str(), false)];
+            let together = store.windows.visit_many(&pair, |_| ()).is_some();
+            assert_eq!(together, !same, "{key:?}");
             let mut r = recharge("u1", 1_000);
-            r.facts.device_id = device.clone();
+            r.facts.device_id = key["device_id\x1f".len()..].to_string();
             for n in 1..=3 {
                 r.facts.timestamp_ms += 1_000;
                 let begun = store.begin(&plan, &r, None, true);
-                assert_eq!(begun.windows, [n, n], "device {device}");
+                assert_eq!(begun.windows, [n, n], "{key:?}");
             }
             assert_eq!(store.stats().window_keys, 2);
+            assert!(store.windows.read(&key, |s| s.is_some()), "{key:?}");
         }
     }
 
