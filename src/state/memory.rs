@@ -2,9 +2,11 @@
 //! keys looked up together under their shards' locks, bounded by a cap on
 //! tracked keys.
 
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::LocalKey;
 
 use dashmap::DashMap;
 use smallvec::SmallVec;
@@ -162,30 +164,24 @@ const USER_PREFIX: &str = "user_id";
 thread_local! {
     /// This thread's buffer for building map keys. Every request builds
     /// several keys; a fresh `String` for each was an allocation apiece.
-    static KEY: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
-}
-
-/// Runs `f` with this thread's key buffer (taken, not borrowed: a nested
-/// call just starts a buffer of its own).
-fn with_key<R>(f: impl FnOnce(&mut String) -> R) -> R {
-    let mut key = KEY.take();
-    let out = f(&mut key);
-    KEY.set(key);
-    out
-}
-
-thread_local! {
+    static KEY: Cell<String> = const { Cell::new(String::new()) };
     /// This thread's buffer for a request's keys side by side (see
     /// [`MemoryStore::touch_windows`]).
-    static KEYS: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+    static KEYS: Cell<String> = const { Cell::new(String::new()) };
 }
 
-/// Runs `f` with this thread's buffer of keys (taken, as in [`with_key`]).
-fn with_keys<R>(f: impl FnOnce(&mut String) -> R) -> R {
-    let mut keys = KEYS.take();
-    let out = f(&mut keys);
-    KEYS.set(keys);
+/// Runs `f` with one of this thread's buffers (taken, not borrowed: a
+/// nested call just starts a buffer of its own).
+fn with_buffer<R>(buffer: &'static LocalKey<Cell<String>>, f: impl FnOnce(&mut String) -> R) -> R {
+    let mut text = buffer.take();
+    let out = f(&mut text);
+    buffer.set(text);
     out
+}
+
+/// Runs `f` with this thread's key buffer.
+fn with_key<R>(f: impl FnOnce(&mut String) -> R) -> R {
+    with_buffer(&KEY, f)
 }
 
 /// A user's key ("user_id\x1fU") into `key`.
@@ -543,7 +539,7 @@ impl MemoryStore {
         };
         // This thread's buffers: every request builds several keys.
         with_key(|key| {
-            with_keys(|all| {
+            with_buffer(&KEYS, |all| {
                 // Every key first, then all of them under their locks at once
                 // (see `Bounded::visit_many`).
                 let mut homes: SmallVec<[Visit<'_>; MANY]> = SmallVec::new();
@@ -1134,8 +1130,8 @@ struct Lease {
 }
 
 thread_local! {
-    static LEASES: std::cell::Cell<[Lease; 2]> = const {
-        std::cell::Cell::new([Lease { map: 0, next: 0, end: 0 }; 2])
+    static LEASES: Cell<[Lease; 2]> = const {
+        Cell::new([Lease { map: 0, next: 0, end: 0 }; 2])
     };
 }
 
