@@ -183,8 +183,8 @@ pub struct Report {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Pacing {
-    /// Each request leaves at its own due time: within [`SPIN`] (2 ms) of
-    /// it, the sender polls its connections and checks the clock instead of
+    /// Each request leaves at its own due time: within 2 ms of it, the
+    /// sender polls its connections and checks the clock instead of
     /// sleeping, so its thread keeps its core busy.
     #[default]
     Exact,
