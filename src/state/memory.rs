@@ -563,13 +563,14 @@ impl MemoryStore {
                     .map(|v| (&all[v.at.clone()], v.records > 0))
                     .collect();
                 let together = self.windows.visit_many(&keys, |slots| {
-                    // Each slot's window list is one more miss: load them all
-                    // before the work on the first, so they overlap too.
-                    let first = slots
-                        .iter()
-                        .flatten()
-                        .filter_map(|s| s.windows.first())
-                        .fold(0u64, |acc, w| acc ^ w.0);
+                    // Each slot's window list, and the user's profile, is one
+                    // more miss: load them all before the work on the first,
+                    // so they overlap too.
+                    let first = slots.iter().flatten().fold(0u64, |acc, s| {
+                        let window = s.windows.first().map_or(0, |w| w.0);
+                        let profile = s.profile.as_deref().map_or(0, |p| p.events() as u64);
+                        acc ^ window ^ profile
+                    });
                     std::hint::black_box(first);
                     for (v, slot) in homes.iter().zip(slots) {
                         visit(slot.as_deref_mut(), &v.held, v.user, v.records, values);

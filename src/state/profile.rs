@@ -81,6 +81,13 @@ impl Profile {
         }
     }
 
+    /// How many located events are kept: a read of the profile itself and
+    /// nothing more ([`crate::state::MemoryStore`] loads every slot of a
+    /// request at once, so their cache misses overlap).
+    pub fn events(&self) -> usize {
+        self.recent.len()
+    }
+
     /// Remembers a located event as usual for the user.
     pub fn learn(&mut self, ts_ms: i64, loc: &Location) {
         if self.recent.len() >= RECENT {
