@@ -897,11 +897,10 @@ async fn open_sender(shard: usize, mut conns: Vec<Conn>, plan: Arc<Plan>, budget
             break;
         }
         // Exact pacing, the next send close: no timer, a turn of the runtime.
-        let spin = lead.is_zero() && next.is_some_and(|at| at <= Instant::now() + SPIN);
+        let exact = plan.pacing == Pacing::Exact;
+        let spin = exact && next.is_some_and(|at| at <= Instant::now() + SPIN);
         if let Some(at) = next.filter(|_| !spin) {
-            sleep
-                .as_mut()
-                .reset(if lead.is_zero() { at - SPIN } else { at });
+            sleep.as_mut().reset(if exact { at - SPIN } else { at });
         }
         let cut = sent >= BURST;
         std::future::poll_fn(|cx| {
