@@ -18,6 +18,7 @@
 //! - [`reload`]: hot reload (folder watch, SIGHUP, admin call).
 //! - [`decision_log`]: JSON lines of every decision, off the hot path.
 //! - [`replay`]: backtests a candidate pack on a decision log.
+//! - [`runtime`]: the tokio runtime the server runs on (no LIFO slot).
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -31,6 +32,7 @@ pub mod model;
 pub mod pack;
 pub mod reload;
 pub mod replay;
+pub mod runtime;
 pub mod scenario;
 pub mod server;
 pub mod state;

@@ -182,7 +182,14 @@ fn main() -> ExitCode {
             if discard_bad_snapshot {
                 cfg.discard_bad_snapshot = true;
             }
-            let runtime = match tokio::runtime::Runtime::new() {
+            if !riskgate::runtime::LIFO_SLOT_OFF {
+                tracing::warn!(
+                    "built without --cfg tokio_unstable (a RUSTFLAGS variable replaces \
+                     .cargo/config.toml's flags): the runtime keeps its LIFO slot, and each \
+                     response is written on its own, a slower server"
+                );
+            }
+            let runtime = match riskgate::runtime::multi_thread() {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
             };
@@ -223,7 +230,7 @@ fn main() -> ExitCode {
             };
             replay(&options, geo.as_deref(), json)
         }
-        Command::Loadgen(args) => match tokio::runtime::Runtime::new() {
+        Command::Loadgen(args) => match riskgate::runtime::multi_thread() {
             Ok(rt) => rt.block_on(riskgate::loadgen::main(args)),
             Err(e) => fail(e),
         },

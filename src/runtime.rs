@@ -1,0 +1,96 @@
+//! The multi-threaded tokio runtime that the server and the load generator's
+//! closed loop run on.
+//!
+//! It is tokio's default runtime with one change: the worker's LIFO slot is
+//! off. With the slot, a task that wakes another hands it the worker at once.
+//! A gRPC handler that finishes wakes its HTTP/2 connection's task, so that
+//! task ran right after every handler and wrote that one response out with a
+//! `writev` of its own: one system call, and one loopback packet for the
+//! reader to take in, for every response, however many requests the last
+//! read had brought. Without the slot the woken connection task queues
+//! behind the handlers already waiting, and writes their responses out
+//! together. The same holds on the client side, for requests.
+//!
+//! Measured on 2 cores (server and `loadgen` each pinned to one; closed
+//! loop, 4 connections x 16 streams, 1M users; BENCHMARKS.md, session 13):
+//! the engine's `writev` calls fell from 0.99 to 0.10 a response, and it
+//! served 104,000-106,000 requests/s instead of 83,000-84,000.
+//!
+//! The switch is one of tokio's unstable APIs, so it is compiled in only
+//! under `--cfg tokio_unstable`, which this repository's
+//! `.cargo/config.toml` sets. A build without it (a `RUSTFLAGS` variable in
+//! the environment replaces the config's flags) keeps the slot: it behaves
+//! the same and is slower, and the server says so when it starts.
+
+use tokio::runtime::{Builder, Runtime};
+
+/// Whether this build turns the LIFO slot off (see the module docs).
+pub const LIFO_SLOT_OFF: bool = cfg!(tokio_unstable);
+
+/// A multi-threaded runtime with every driver on, one worker per core this
+/// process may run on (or `TOKIO_WORKER_THREADS`), and no LIFO slot where
+/// the build allows it.
+pub fn multi_thread() -> std::io::Result<Runtime> {
+    builder().build()
+}
+
+fn builder() -> Builder {
+    let mut builder = Builder::new_multi_thread();
+    builder.enable_all();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    builder
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// The order in which one worker runs two tasks that a task spawned,
+    /// first `first` then `second`.
+    fn order_on(mut builder: Builder) -> Vec<&'static str> {
+        let rt = builder.worker_threads(1).build().unwrap();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let seen = ran.clone();
+        rt.block_on(async move {
+            // Spawned from a worker, as a connection's task wakes handlers.
+            tokio::spawn(async move {
+                let early = seen.clone();
+                let first = tokio::spawn(async move { early.lock().unwrap().push("first") });
+                let second = tokio::spawn(async move { seen.lock().unwrap().push("second") });
+                first.await.unwrap();
+                second.await.unwrap();
+            })
+            .await
+            .unwrap()
+        });
+        let order = ran.lock().unwrap().clone();
+        order
+    }
+
+    /// The speed of every served request depends on this: tasks woken on a
+    /// worker run in the order they were woken, so a connection's task runs
+    /// after the handlers queued before it and writes their answers together.
+    /// It fails for a build that lost `.cargo/config.toml`'s
+    /// `--cfg tokio_unstable` (or runs under a `RUSTFLAGS` that replaces it).
+    #[test]
+    fn woken_tasks_run_in_the_order_they_were_woken() {
+        assert_eq!(order_on(builder()), ["first", "second"]);
+    }
+
+    /// What the test above guards against: tokio's default runs the last
+    /// woken task first.
+    #[test]
+    fn the_default_runtime_runs_the_last_woken_task_first() {
+        assert_eq!(order_on(Builder::new_multi_thread()), ["second", "first"]);
+    }
+
+    #[test]
+    fn the_runtime_runs_tasks_on_its_workers() {
+        let rt = multi_thread().unwrap();
+        let main = std::thread::current().id();
+        let on = rt.block_on(async { tokio::spawn(async { std::thread::current().id() }).await });
+        assert_ne!(on.unwrap(), main, "spawned tasks run on a worker thread");
+    }
+}
