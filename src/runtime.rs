@@ -2,7 +2,8 @@
 //! closed loop run on.
 //!
 //! It is tokio's default runtime with one change: the worker's LIFO slot is
-//! off. With the slot, a task that wakes another hands it the worker at once.
+//! off. With the slot, a task woken by the running task runs as soon as
+//! that task's poll returns, ahead of every task already queued.
 //! A gRPC handler that finishes wakes its HTTP/2 connection's task, so that
 //! task ran right after every handler and wrote that one response out with a
 //! `writev` of its own: one system call, and one loopback packet for the
@@ -14,13 +15,14 @@
 //! Measured on 2 cores (server and `loadgen` each pinned to one; closed
 //! loop, 4 connections x 16 streams, 1M users; BENCHMARKS.md, session 13):
 //! the engine's `writev` calls fell from 0.99 to 0.10 a response, and it
-//! served 104,000-106,000 requests/s instead of 83,000-84,000.
+//! served about 105,000 requests/s instead of about 84,000.
 //!
 //! The switch is one of tokio's unstable APIs, so it is compiled in only
 //! under `--cfg tokio_unstable`, which this repository's
 //! `.cargo/config.toml` sets. A build without it (a `RUSTFLAGS` variable in
 //! the environment replaces the config's flags) keeps the slot: it behaves
-//! the same and is slower, and the server says so when it starts.
+//! the same and is slower, the server says so when it starts, and the test
+//! below fails.
 
 use tokio::runtime::{Builder, Runtime};
 
@@ -69,8 +71,8 @@ mod tests {
         order
     }
 
-    /// The speed of every served request depends on this: tasks woken on a
-    /// worker run in the order they were woken, so a connection's task runs
+    /// The server's throughput depends on this: tasks woken on a worker run
+    /// in the order they were woken, so a connection's task runs
     /// after the handlers queued before it and writes their answers together.
     /// It fails for a build that lost `.cargo/config.toml`'s
     /// `--cfg tokio_unstable` (or runs under a `RUSTFLAGS` that replaces it).
