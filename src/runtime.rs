@@ -49,8 +49,8 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
-    /// The order in which one worker runs two tasks that a task spawned,
-    /// first `first` then `second`.
+    /// The order in which one worker runs two tasks that a running task
+    /// spawns, `first` and then `second`.
     fn order_on(mut builder: Builder) -> Vec<&'static str> {
         let rt = builder.worker_threads(1).build().unwrap();
         let ran = Arc::new(Mutex::new(Vec::new()));
