@@ -14,6 +14,7 @@
 //! - [`geo`]: IP -> location.
 //! - [`decision`]: how hits combine.
 //! - [`server`]: wiring a configured engine to a listener.
+//! - [`housekeeping`]: the store's long walks, on a low-priority thread.
 //! - [`scenario`]: a pack's own scenario tests (`riskgate test`).
 //! - [`reload`]: hot reload (folder watch, SIGHUP, admin call).
 //! - [`decision_log`]: JSON lines of every decision, off the hot path.
@@ -27,6 +28,7 @@ pub mod decision;
 pub mod decision_log;
 pub mod engine;
 pub mod geo;
+pub mod housekeeping;
 pub mod loadgen;
 pub mod model;
 pub mod pack;

@@ -10,6 +10,7 @@ use crate::config::{Config, ConfigError, StateBackend};
 use crate::decision_log::DecisionLog;
 use crate::engine::Engine;
 use crate::geo::{GeoDb, GeoError};
+use crate::housekeeping::Housekeeper;
 use crate::pack::{LoadError, Pack};
 use crate::reload::Reloader;
 use crate::state::redis::RedisConfig;
@@ -40,6 +41,8 @@ pub enum StartError {
     Snapshot(SnapshotError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("cannot start the housekeeping thread: {0}")]
+    Housekeeping(std::io::Error),
 }
 
 /// A bad snapshot's error says what to do about it.
@@ -190,7 +193,11 @@ pub fn spawn_snapshots(
 }
 
 /// Sweeps idle keys and expired records every `every`, until the engine goes.
-pub fn spawn_sweeper(engine: &Engine, every: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_sweeper(
+    engine: &Engine,
+    every: Duration,
+    keeper: Housekeeper,
+) -> tokio::task::JoinHandle<()> {
     let engine = engine.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
@@ -199,9 +206,11 @@ pub fn spawn_sweeper(engine: &Engine, every: Duration) -> tokio::task::JoinHandl
             tick.tick().await;
             let span = engine.pack().plan.profile_span_ms;
             let e = engine.clone();
-            // The sweep walks every key: keep it off the request workers.
-            let _ =
-                tokio::task::spawn_blocking(move || e.store().expire(crate::now_ms(), span)).await;
+            // The sweep walks every key: off the request workers, at the
+            // lowest priority (see [`crate::housekeeping`]).
+            keeper
+                .run(move || e.store().expire(crate::now_ms(), span))
+                .await;
             tracing::debug!(stats = ?engine.store().stats(), "swept");
         }
     })
@@ -215,7 +224,7 @@ const TRIM_CHECK: Duration = Duration::from_millis(100);
 /// Evicts least recently used keys once the in-memory store is near its
 /// cap, off the request workers, so that an insert never waits for a walk
 /// of every key (a quarter of a second at two million).
-pub fn spawn_trimmer(engine: &Engine) -> tokio::task::JoinHandle<()> {
+pub fn spawn_trimmer(engine: &Engine, keeper: Housekeeper) -> tokio::task::JoinHandle<()> {
     let engine = engine.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TRIM_CHECK);
@@ -224,7 +233,7 @@ pub fn spawn_trimmer(engine: &Engine) -> tokio::task::JoinHandle<()> {
             tick.tick().await;
             if engine.store().needs_trim() {
                 let e = engine.clone();
-                let _ = tokio::task::spawn_blocking(move || e.store().trim()).await;
+                keeper.run(move || e.store().trim()).await;
             }
         }
     })
@@ -240,13 +249,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let listener = listen(config.listen).await?;
     let addr = listener.local_addr().unwrap_or(config.listen);
+    let keeper = Housekeeper::start().map_err(StartError::Housekeeping)?;
     let sweeper = spawn_sweeper(
         &engine,
         Duration::from_millis(config.sweep_interval_ms()? as u64),
+        keeper.clone(),
     );
 
     let reloader = Reloader::new(engine.clone(), config.rules.clone());
-    let mut background = vec![sweeper, spawn_trimmer(&engine)];
+    let mut background = vec![sweeper, spawn_trimmer(&engine, keeper)];
     if config.watch_rules {
         let every = Duration::from_millis(config.watch_interval_ms()? as u64);
         background.push(reloader.spawn_watch(every));
