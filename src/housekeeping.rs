@@ -13,9 +13,10 @@
 //!
 //! Measured on 2 cores (server pinned to one; open loop at 39,500/s for
 //! 45 s over 1M users, so the store reaches its 2M-key cap after about
-//! 25 s; BENCHMARKS.md, session 13): p99 9.0 ms -> 1.3 ms and p99.9
-//! 41 ms -> 4.6 ms with the trim alone, and with a sweep in the run as
-//! well p99 12.5 ms -> 1.5 ms, p99.9 113 ms -> 4.5 ms.
+//! 25 s and trims every second or two from then on, and sweeps once at
+//! 30 s; BENCHMARKS.md, session 13), two rounds each: p99 9.7 and 11.1 ms
+//! on tokio's blocking pool, 1.6 and 0.9 ms here; p99.9 44 and 48 ms
+//! against 8.9 and 4.2 ms.
 //!
 //! The priority is a Linux thread's nice value. Elsewhere the thread keeps
 //! the process's priority.
