@@ -1,15 +1,19 @@
 //! The in-memory store's long walks (the sweep of idle keys, the trim at
-//! the cap) on one thread of their own, at the lowest CPU priority.
+//! the cap) on threads of their own, at the lowest CPU priority: one thread
+//! for sweeps and one for trims, so that a slow sweep never holds a trim
+//! back (a trim late enough lets an insert reach the cap and evict inline).
 //!
-//! Why a thread of their own, and not tokio's blocking pool: a walk visits
+//! Why threads of their own, and not tokio's blocking pool: a walk visits
 //! every key, a quarter of a second of CPU at two million, and a store at
 //! its cap trims every second or two under a flood of new keys. Where the
 //! request workers share their cores with it (a one-core container, or a
 //! server pinned to its cores), a walk at normal priority takes its share
 //! of the core from them for the whole walk, and requests queue behind it.
 //! At nice 19 the scheduler gives the walk the time the workers leave idle.
-//! The walk holds one shard's lock at a time, so a worker that needs that
-//! shard waits for a few microseconds of walking, not for the priority.
+//! The walk holds one shard's lock at a time. A worker that needs the shard
+//! the walk holds parks until the walk lets go of it, which is soon while the
+//! core has idle time, and can be long on a core with other runnable threads
+//! at normal priority (see BENCHMARKS.md, session 13, for a saturated core).
 //!
 //! Measured on 2 cores (server pinned to one; open loop at 39,500/s for
 //! 45 s over 1M users, so the store reaches its 2M-key cap after about
@@ -25,7 +29,7 @@ use std::sync::mpsc;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A handle on the housekeeping thread; cheap to clone. The thread ends
+/// A handle on one housekeeping thread; cheap to clone. The thread ends
 /// when the last handle is dropped.
 #[derive(Clone)]
 pub struct Housekeeper {
@@ -36,11 +40,11 @@ pub struct Housekeeper {
 pub const NICE: i32 = 19;
 
 impl Housekeeper {
-    /// Starts the housekeeping thread.
-    pub fn start() -> std::io::Result<Housekeeper> {
+    /// Starts a housekeeping thread named `name` (Linux keeps 15 bytes).
+    pub fn start(name: &str) -> std::io::Result<Housekeeper> {
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
-            .name("riskgate-housekeeping".to_string())
+            .name(name.to_string())
             .spawn(move || {
                 lower_priority();
                 for job in queue {
@@ -54,7 +58,8 @@ impl Housekeeper {
     }
 
     /// Runs `job` on the housekeeping thread, after the jobs queued before
-    /// it, and waits for it to finish (or to panic).
+    /// it, and waits for it to finish (or to panic). The thread catches a
+    /// job's panic, so it outlives every job.
     pub async fn run(&self, job: impl FnOnce() + Send + 'static) {
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
         let job: Job = Box::new(move || {
@@ -86,7 +91,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_run_in_order_and_a_panic_stops_none_after_it() {
-        let keeper = Housekeeper::start().unwrap();
+        let keeper = Housekeeper::start("rg-test").unwrap();
         let ran = Arc::new(Mutex::new(Vec::new()));
         for i in 0..3 {
             let ran = ran.clone();
@@ -104,7 +109,7 @@ mod tests {
     #[tokio::test]
     async fn walks_run_at_the_lowest_priority() {
         let mine = nice();
-        let keeper = Housekeeper::start().unwrap();
+        let keeper = Housekeeper::start("rg-test").unwrap();
         let seen = Arc::new(Mutex::new(None));
         let into = seen.clone();
         keeper
@@ -114,12 +119,9 @@ mod tests {
         assert_eq!(nice(), mine, "the caller's thread keeps its priority");
     }
 
-    /// This thread's nice value, from /proc (field 19 of its stat line).
+    /// This thread's nice value.
     #[cfg(target_os = "linux")]
     fn nice() -> i32 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        // The command name, in parentheses, may hold spaces: count after it.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        after.split(' ').nth(16).unwrap().parse().unwrap()
+        rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
     }
 }

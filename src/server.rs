@@ -41,7 +41,7 @@ pub enum StartError {
     Snapshot(SnapshotError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("cannot start the housekeeping thread: {0}")]
+    #[error("cannot start a housekeeping thread: {0}")]
     Housekeeping(std::io::Error),
 }
 
@@ -249,15 +249,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let listener = listen(config.listen).await?;
     let addr = listener.local_addr().unwrap_or(config.listen);
-    let keeper = Housekeeper::start().map_err(StartError::Housekeeping)?;
+    let keeper = |name| Housekeeper::start(name).map_err(StartError::Housekeeping);
     let sweeper = spawn_sweeper(
         &engine,
         Duration::from_millis(config.sweep_interval_ms()? as u64),
-        keeper.clone(),
+        keeper("rg-sweep")?,
     );
 
     let reloader = Reloader::new(engine.clone(), config.rules.clone());
-    let mut background = vec![sweeper, spawn_trimmer(&engine, keeper)];
+    let mut background = vec![sweeper, spawn_trimmer(&engine, keeper("rg-trim")?)];
     if config.watch_rules {
         let every = Duration::from_millis(config.watch_interval_ms()? as u64);
         background.push(reloader.spawn_watch(every));
