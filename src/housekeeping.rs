@@ -19,8 +19,10 @@
 //! 45 s over 1M users, so the store reaches its 2M-key cap after about
 //! 25 s and trims every second or two from then on, and sweeps once at
 //! 30 s; BENCHMARKS.md, session 13), two rounds each: p99 9.7 and 11.1 ms
-//! on tokio's blocking pool, 1.6 and 0.9 ms here; p99.9 44 and 48 ms
-//! against 8.9 and 4.2 ms.
+//! on tokio's blocking pool, 1.6 and 0.9 ms on one housekeeping thread;
+//! p99.9 44 and 48 ms against 8.9 and 4.2 ms. With a thread each for
+//! sweeps and trims, in a busier half hour: p99 25 and 16 ms against 1.6
+//! and 1.3 ms.
 //!
 //! The priority is a Linux thread's nice value. Elsewhere the thread keeps
 //! the process's priority.
