@@ -1,11 +1,8 @@
-//! The in-memory store's long walks (the sweep of idle keys, the trim at
-//! the cap) on threads of their own, at the lowest CPU priority: one thread
-//! for sweeps and one for trims, so that a slow sweep never holds a trim
-//! back (a trim late enough lets an insert reach the cap and evict inline).
+//! The in-memory store's long walk, the sweep of idle keys and expired
+//! records, on a thread of its own at the lowest CPU priority.
 //!
-//! Why threads of their own, and not tokio's blocking pool: a walk visits
-//! every key, a quarter of a second of CPU at two million, and a store at
-//! its cap trims every second or two under a flood of new keys. Where the
+//! Why a thread of its own, and not tokio's blocking pool: a sweep visits
+//! every key, a quarter of a second of CPU at two million. Where the
 //! request workers share their cores with it (a one-core container, or a
 //! server pinned to its cores), a walk at normal priority takes its share
 //! of the core from them for the whole walk, and requests queue behind it.
@@ -13,16 +10,15 @@
 //! The walk holds one shard's lock at a time. A worker that needs the shard
 //! the walk holds parks until the walk lets go of it, which is soon while the
 //! core has idle time, and can be long on a core with other runnable threads
-//! at normal priority (see BENCHMARKS.md, session 13, for a saturated core).
+//! at normal priority.
 //!
 //! Measured on 2 cores (server pinned to one; open loop at 39,500/s for
-//! 45 s over 1M users, so the store reaches its 2M-key cap after about
-//! 25 s and trims every second or two from then on, and sweeps once at
-//! 30 s; BENCHMARKS.md, session 13), two rounds each: p99 9.7 and 11.1 ms
-//! on tokio's blocking pool, 1.6 and 0.9 ms on one housekeeping thread;
-//! p99.9 44 and 48 ms against 8.9 and 4.2 ms. With a thread each for
-//! sweeps and trims, in a busier half hour: p99 25 and 16 ms against 1.6
-//! and 1.3 ms.
+//! 45 s over 1M users, with a sweep at 30 s; BENCHMARKS.md, session 13),
+//! two rounds each: p99 9.7 and 11.1 ms with the walks on tokio's blocking
+//! pool, 1.6 and 0.9 ms on a housekeeping thread; p99.9 44 and 48 ms
+//! against 8.9 and 4.2 ms. (Evictions at the key cap walked every key too,
+//! then; since session 14 they take one shard at a time, inline, see
+//! `Bounded::evict` in `state/memory.rs`.)
 //!
 //! The priority is a Linux thread's nice value. Elsewhere the thread keeps
 //! the process's priority.
@@ -38,7 +34,7 @@ pub struct Housekeeper {
     jobs: mpsc::Sender<Job>,
 }
 
-/// The nice value the housekeeping thread runs at: the lowest priority.
+/// The nice value housekeeping threads run at: the lowest priority.
 pub const NICE: i32 = 19;
 
 impl Housekeeper {

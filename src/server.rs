@@ -216,29 +216,6 @@ pub fn spawn_sweeper(
     })
 }
 
-/// How often the trimmer checks whether the store is near its cap: two
-/// atomic loads, so it may be often; the headroom below the cap (a
-/// twentieth of it) lasts seconds even under a flood of new keys.
-const TRIM_CHECK: Duration = Duration::from_millis(100);
-
-/// Evicts least recently used keys once the in-memory store is near its
-/// cap, off the request workers, so that an insert never waits for a walk
-/// of every key (a quarter of a second at two million).
-pub fn spawn_trimmer(engine: &Engine, keeper: Housekeeper) -> tokio::task::JoinHandle<()> {
-    let engine = engine.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(TRIM_CHECK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if engine.store().needs_trim() {
-                let e = engine.clone();
-                keeper.run(move || e.store().trim()).await;
-            }
-        }
-    })
-}
-
 /// Runs the server until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let engine = build(&config).await?;
@@ -257,7 +234,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
 
     let reloader = Reloader::new(engine.clone(), config.rules.clone());
-    let mut background = vec![sweeper, spawn_trimmer(&engine, keeper("rg-trim")?)];
+    let mut background = vec![sweeper];
     if config.watch_rules {
         let every = Duration::from_millis(config.watch_interval_ms()? as u64);
         background.push(reloader.spawn_watch(every));

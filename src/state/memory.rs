@@ -594,19 +594,6 @@ impl MemoryStore {
         })
     }
 
-    /// True when a map is past its soft cap: [`MemoryStore::trim`] has work.
-    pub fn needs_trim(&self) -> bool {
-        self.windows.len() > self.windows.soft_cap()
-            || self.requests.len() > self.requests.soft_cap()
-    }
-
-    /// Evicts the least recently used keys and records of a map past its
-    /// soft cap, so that inserts do not have to (see [`Bounded::trim`]).
-    pub fn trim(&self) {
-        self.windows.trim();
-        self.requests.trim();
-    }
-
     /// Drops idle keys and expired idempotency records. Run periodically.
     pub fn expire(&self, now_ms: i64, profile_span_ms: i64) {
         self.windows
@@ -1005,6 +992,13 @@ fn touch(slot: Option<&mut Slot>, w: &Window, sig: u64, how: Touch, ts: i64) -> 
 /// lookup a miss, and the whole table resident within minutes.
 const SHARDS: usize = 2048;
 
+/// Keys a shard holds at the cap, on average, from which a map past its
+/// cap evicts from one shard ([`Bounded::evict`]): a cap of 32,768 keys and
+/// more. Below, a shard is too small a sample of the map's ages (at 16, the
+/// oldest of a shard is about as good a choice as Redis's default sample of
+/// five gives), and a walk of every key is short anyway.
+const SHARD_EVICTION_MIN: usize = 16;
+
 /// Key bytes held inline: with the tag and length, a [`Key`] is 32 bytes.
 ///
 /// 30, not the 22 that a 24-byte key holds: a key is its group's prefix
@@ -1094,11 +1088,9 @@ trait Marked {
 /// clock's cache line on every request: stamps stay unique, and in order to
 /// within a lease per thread, which is all picking the oldest tenth needs.
 /// When an insert takes the map over its cap, the inserting thread evicts
-/// the oldest tenth. It
-/// takes a std `Mutex` for that (never held across an await, and uncontended
-/// unless a flood of new keys is under way), so that the cap holds strictly:
-/// a thread that finds the map over its cap waits for the sweep in progress
-/// and checks again.
+/// the oldest tenth of the shard it inserted into ([`Bounded::evict`]),
+/// under that shard's lock, so that the cap holds strictly and no request
+/// waits for more than one shard.
 struct Bounded<V> {
     map: DashMap<Key, Stamped<V>, foldhash::fast::RandomState>,
     /// Tells this map's lease apart from other maps' (see [`Bounded::tick`]).
@@ -1109,7 +1101,35 @@ struct Bounded<V> {
     cap: usize,
     clock: AtomicU64,
     evicted: AtomicU64,
-    sweeping: Mutex<()>,
+    /// One walk of every key at a time ([`Bounded::evict_all`], small maps
+    /// only): a std `Mutex`, never held across an await. A thread that
+    /// finds the map over its cap waits for the walk in progress and checks
+    /// again.
+    evicting: Mutex<()>,
+    /// Buffers [`Bounded::evict_shard`] reuses.
+    drained: Mutex<Drained<V>>,
+}
+
+/// An entry of a [`Bounded`] map as its shard's table holds it.
+type Entry<V> = (Key, dashmap::SharedValue<Stamped<V>>);
+
+/// A shard's entries, drained for an eviction, and their stamps.
+///
+/// Kept from one eviction to the next: allocated afresh each time, tens of
+/// kilobytes, they made mimalloc retire and rebuild pages on every
+/// eviction, several percent of a saturated server's CPU at the cap.
+struct Drained<V> {
+    entries: Vec<Entry<V>>,
+    stamps: Vec<u64>,
+}
+
+impl<V> Default for Drained<V> {
+    fn default() -> Self {
+        Drained {
+            entries: Vec::new(),
+            stamps: Vec::new(),
+        }
+    }
 }
 
 /// Most keys [`Bounded::visit_many`] takes at once: a request's homes (the
@@ -1157,7 +1177,8 @@ impl<V: Default + Marked> Bounded<V> {
             cap: cap.max(1),
             clock: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
-            sweeping: Mutex::new(()),
+            evicting: Mutex::new(()),
+            drained: Mutex::default(),
         }
     }
 
@@ -1205,7 +1226,7 @@ impl<V: Default + Marked> Bounded<V> {
             self.marking(&mut e.value, fill);
         }
         if inserted && self.len.fetch_add(1, Ordering::AcqRel) + 1 > self.cap {
-            self.evict();
+            self.evict(self.shard_of(key));
         }
     }
 
@@ -1249,7 +1270,7 @@ impl<V: Default + Marked> Bounded<V> {
             self.marking(&mut e.value, f)
         };
         if inserted && self.len.fetch_add(1, Ordering::AcqRel) + 1 > self.cap {
-            self.evict();
+            self.evict(self.shard_of(key));
         }
         out
     }
@@ -1297,10 +1318,11 @@ impl<V: Default + Marked> Bounded<V> {
         let rehash = |(k, _): &(Key, dashmap::SharedValue<Stamped<V>>)| {
             self.map.hash_usize(&k.as_bytes()) as u64
         };
-        let mut inserted = 0;
+        // How many keys this visit created, and the shard of the last.
+        let (mut inserted, mut shard) = (0, 0);
         let mut entries: SmallVec<[Option<&mut Stamped<V>>; MANY]> =
             keys.iter().map(|_| None).collect();
-        for (table, &(_, hash, i)) in guards.iter_mut().zip(&at) {
+        for (table, &(s, hash, i)) in guards.iter_mut().zip(&at) {
             let (key, create) = keys[i];
             let eq =
                 |(k, _): &(Key, dashmap::SharedValue<Stamped<V>>)| k.as_bytes() == key.as_bytes();
@@ -1309,7 +1331,7 @@ impl<V: Default + Marked> Bounded<V> {
                     touched: 0,
                     value: V::default(),
                 };
-                inserted += 1;
+                (inserted, shard) = (inserted + 1, s);
                 let (_, v) = table.insert_entry(
                     hash,
                     (Key::from(key), dashmap::SharedValue::new(fresh)),
@@ -1343,7 +1365,7 @@ impl<V: Default + Marked> Bounded<V> {
         drop(entries);
         drop(guards);
         if inserted > 0 && self.len.fetch_add(inserted, Ordering::AcqRel) + inserted > self.cap {
-            self.evict();
+            self.evict(shard);
         }
         Some(out)
     }
@@ -1364,34 +1386,72 @@ impl<V: Default + Marked> Bounded<V> {
         }
     }
 
-    /// Evicts down to nine tenths of the cap, inline: the insert that took
-    /// the map over its cap pays for it (when the background trim has not
-    /// kept up, see [`Bounded::trim`]).
-    fn evict(&self) {
-        self.evict_over(self.cap);
+    /// Brings the map back under its cap after an insert into `shard` took
+    /// it over: evicts the least recently used tenth of that one shard,
+    /// under its lock, inline. A big map never waits for a walk of every
+    /// key (a quarter of a second at two million), and there is nothing to
+    /// do in the background: at the cap, one insert in a few hundred pays
+    /// for one shard (about a thousand keys at the default cap).
+    ///
+    /// The oldest of one shard stand for the oldest of the map: keys fall
+    /// into shards by a seeded hash, so every shard holds a fair sample of
+    /// the map's ages, much as Redis evicts the oldest of a sample of keys.
+    /// A small map (fewer than [`SHARD_EVICTION_MIN`] keys a shard), or a
+    /// shard with nothing to give, falls back to a walk of the whole map,
+    /// which at that size is short.
+    fn evict(&self, shard: usize) {
+        if self.cap / SHARDS >= SHARD_EVICTION_MIN {
+            self.evict_shard(shard);
+        }
+        if self.len() > self.cap {
+            self.evict_all();
+        }
     }
 
-    /// The length past which [`Bounded::trim`] evicts: nineteen twentieths
-    /// of the cap.
-    fn soft_cap(&self) -> usize {
-        self.cap - self.cap / 20
+    /// Evicts the oldest tenth (at least one) of `shard`'s keys, while the
+    /// map is over its cap.
+    ///
+    /// A drain, not a walk in place: dashmap's shards are hashbrown
+    /// `RawTable`s, whose iterators are `unsafe`, and this crate forbids
+    /// unsafe code. Draining keeps the table's allocation; the survivors go
+    /// back into it, rehashed, all of it a few tens of microseconds for a
+    /// thousand keys held in one shard's lock.
+    fn evict_shard(&self, shard: usize) {
+        let mut table = self.map.shards()[shard].write();
+        if self.len() <= self.cap || table.is_empty() {
+            return;
+        }
+        // Another thread evicting at the same time gets buffers of its own.
+        let mut spare = Drained::default();
+        let mut reused = self.drained.try_lock();
+        let Drained { entries, stamps } = match reused.as_deref_mut() {
+            Ok(drained) => drained,
+            Err(_) => &mut spare,
+        };
+        entries.extend(table.drain());
+        stamps.clear();
+        stamps.extend(entries.iter().map(|(_, v)| v.get().touched));
+        let drop = (stamps.len() / 10).max(1);
+        let (_, &mut threshold, _) = stamps.select_nth_unstable(drop - 1);
+        let rehash = |(k, _): &Entry<V>| self.map.hash_usize(&k.as_bytes()) as u64;
+        let (mut removed, mut marked) = (0, 0);
+        for entry in entries.drain(..) {
+            let stamped = entry.1.get();
+            if stamped.touched <= threshold {
+                removed += 1;
+                marked += usize::from(stamped.value.is_marked());
+            } else {
+                table.insert(rehash(&entry), entry, rehash);
+            }
+        }
+        self.forget(removed, marked);
     }
 
-    /// Evicts down to nine tenths of the cap once the map is past its soft
-    /// cap. Run off the request path (the server's trimmer): at two million
-    /// keys one eviction walks them all, about a quarter of a second, which
-    /// an insert that took the map over its cap used to wait for, and with
-    /// it every request queued behind it on the same core. With the soft cap
-    /// a twentieth below the hard one, inserts reach the hard cap only if the
-    /// trimmer falls that far behind.
-    fn trim(&self) {
-        self.evict_over(self.soft_cap());
-    }
-
-    fn evict_over(&self, limit: usize) {
-        let _sweep = self.sweeping.lock().unwrap_or_else(|e| e.into_inner());
-        let len = self.len.load(Ordering::Acquire);
-        if len <= limit {
+    /// Evicts down to nine tenths of the cap, the oldest first, walking
+    /// every key: for small maps, where a shard is too small a sample.
+    fn evict_all(&self) {
+        let _walk = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        if self.len() <= self.cap {
             return;
         }
         let keep = self.cap - self.cap / 10;
@@ -1403,6 +1463,12 @@ impl<V: Default + Marked> Bounded<V> {
         let (_, threshold, _) = stamps.select_nth_unstable(drop - 1);
         let threshold = *threshold;
         self.remove_where(|e| e.touched <= threshold);
+    }
+
+    /// The shard `key` lives in.
+    fn shard_of(&self, key: &str) -> usize {
+        self.map
+            .determine_shard(self.map.hash_usize(&key.as_bytes()))
     }
 
     fn retain(&self, keep: impl Fn(&V) -> bool) {
@@ -1423,6 +1489,11 @@ impl<V: Default + Marked> Bounded<V> {
             marked += usize::from(gone && e.value.is_marked());
             !gone
         });
+        self.forget(removed, marked);
+    }
+
+    /// Counts `removed` entries (`marked` of them marked) as gone.
+    fn forget(&self, removed: usize, marked: usize) {
         self.len.fetch_sub(removed, Ordering::AcqRel);
         self.marked.fetch_sub(marked, Ordering::Relaxed);
         self.evicted.fetch_add(removed as u64, Ordering::Relaxed);
@@ -1893,26 +1964,83 @@ mod tests {
     }
 
     #[test]
-    fn a_trim_past_the_soft_cap_leaves_inserts_nothing_to_evict() {
+    fn a_small_map_evicts_the_oldest_tenth_of_all_its_keys() {
         let map: Bounded<u32> = Bounded::new(1000);
-        for i in 0..950 {
+        for i in 0..1000 {
             map.update(&format!("k{i}"), |v| *v += 1);
         }
-        map.trim();
-        assert_eq!(map.len(), 950, "at the soft cap: nothing to do yet");
-        map.update("k950", |v| *v += 1);
+        assert_eq!((map.len(), map.evicted()), (1000, 0), "at the cap");
         map.update("k0", |v| *v += 1);
-        map.trim();
+        map.update("k1000", |v| *v += 1);
         // Down to nine tenths, the oldest first: k0 was just used again.
         assert_eq!(map.len(), 900);
         assert_eq!(map.read("k0", |v| v.copied()), Some(2));
         assert_eq!(map.read("k1", |v| v.copied()), None);
-        assert_eq!(map.read("k950", |v| v.copied()), Some(1));
+        assert_eq!(map.read("k1000", |v| v.copied()), Some(1));
         // The next 100 inserts stay under the cap without evicting.
         let evicted = map.evicted();
         for i in 0..100 {
             map.update(&format!("n{i}"), |v| *v += 1);
         }
         assert_eq!((map.len(), map.evicted()), (1000, evicted));
+    }
+
+    /// A cap with 32 keys a shard, past [`SHARD_EVICTION_MIN`].
+    const BIG: usize = SHARDS * 32;
+
+    #[test]
+    fn a_big_map_past_its_cap_evicts_from_one_shard() {
+        let map: Bounded<u32> = Bounded::new(BIG);
+        for i in 0..BIG {
+            map.update(&format!("k{i}"), |v| *v += 1);
+        }
+        assert_eq!((map.len(), map.evicted()), (BIG, 0));
+        map.update("one more", |v| *v += 1);
+        // A tenth of one shard (about 32 keys), not a tenth of the map
+        // (6,553 keys) as a walk of every key would evict.
+        let evicted = map.evicted() as usize;
+        assert!((1..=10).contains(&evicted), "evicted {evicted}");
+        assert_eq!(map.len(), BIG + 1 - evicted);
+        assert_eq!(map.map.len(), map.len());
+        assert_eq!(map.read("one more", |v| v.copied()), Some(1));
+    }
+
+    #[test]
+    fn a_big_map_at_its_cap_keeps_its_recently_used_keys() {
+        let map: Bounded<u32> = Bounded::new(BIG);
+        for i in 0..BIG {
+            map.update(&format!("k{i}"), |v| *v += 1);
+        }
+        // The first 2,000 keys are used again: now the most recent of the
+        // old keys.
+        let hot = 2_000;
+        for i in 0..hot {
+            map.update(&format!("k{i}"), |v| *v += 1);
+        }
+        let new = BIG / 10;
+        for i in 0..new {
+            map.update(&format!("n{i}"), |v| *v += 1);
+            assert!(map.len() <= BIG);
+        }
+        assert_eq!(map.map.len(), map.len());
+        let kept = |keys: &mut dyn Iterator<Item = String>| {
+            keys.filter(|k| map.read(k, |v| v.is_some())).count()
+        };
+        let hot_kept = kept(&mut (0..hot).map(|i| format!("k{i}")));
+        let new_kept = kept(&mut (0..new).map(|i| format!("n{i}")));
+        let cold_kept = kept(&mut (hot..BIG).map(|i| format!("k{i}")));
+        // Each shard gave up its oldest: the keys not used again. (Per
+        // shard, not over the whole map, so a few of the others may go
+        // too, in a shard that was asked often.)
+        assert!(hot_kept * 100 >= hot * 99, "hot kept {hot_kept} of {hot}");
+        assert!(new_kept * 100 >= new * 99, "new kept {new_kept} of {new}");
+        let evicted = map.evicted() as usize;
+        assert_eq!(hot_kept + new_kept + cold_kept, BIG + new - evicted);
+        assert!(evicted >= new, "evicted {evicted}");
+        assert!(
+            (BIG - hot - cold_kept) * 100 >= evicted * 99,
+            "evicted {evicted}, of them old and unused {}",
+            BIG - hot - cold_kept
+        );
     }
 }

@@ -137,21 +137,6 @@ impl Store {
         }
     }
 
-    /// Whether a map of the in-memory store is near its cap (see
-    /// [`MemoryStore::trim`]); Redis bounds itself by TTLs.
-    pub fn needs_trim(&self) -> bool {
-        match self {
-            Store::Memory(m) => m.needs_trim(),
-            Store::Redis(_) => false,
-        }
-    }
-
-    pub fn trim(&self) {
-        if let Store::Memory(m) = self {
-            m.trim();
-        }
-    }
-
     pub fn stats(&self) -> StoreStats {
         match self {
             Store::Memory(m) => m.stats(),
