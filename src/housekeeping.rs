@@ -34,7 +34,7 @@ pub struct Housekeeper {
     jobs: mpsc::Sender<Job>,
 }
 
-/// The nice value housekeeping threads run at: the lowest priority.
+/// The nice value the housekeeping thread runs at: the lowest priority.
 pub const NICE: i32 = 19;
 
 impl Housekeeper {

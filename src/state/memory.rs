@@ -999,6 +999,11 @@ const SHARDS: usize = 2048;
 /// five gives), and a walk of every key is short anyway.
 const SHARD_EVICTION_MIN: usize = 16;
 
+/// Most shards one over-cap insert evicts from before it walks every key
+/// ([`Bounded::evict`]): at [`SHARD_EVICTION_MIN`] keys a shard, one shard
+/// may give up a single key, and a request creates up to [`MANY`].
+const EVICT_SHARDS: usize = 2 * MANY;
+
 /// Key bytes held inline: with the tag and length, a [`Key`] is 32 bytes.
 ///
 /// 30, not the 22 that a 24-byte key holds: a key is its group's prefix
@@ -1089,8 +1094,8 @@ trait Marked {
 /// within a lease per thread, which is all picking the oldest tenth needs.
 /// When an insert takes the map over its cap, the inserting thread evicts
 /// the oldest tenth of the shard it inserted into ([`Bounded::evict`]),
-/// under that shard's lock, so that the cap holds strictly and no request
-/// waits for more than one shard.
+/// under that shard's lock, so that the cap holds strictly and a request
+/// waits for one shard (at most a few) rather than a walk of every key.
 struct Bounded<V> {
     map: DashMap<Key, Stamped<V>, foldhash::fast::RandomState>,
     /// Tells this map's lease apart from other maps' (see [`Bounded::tick`]).
@@ -1101,8 +1106,8 @@ struct Bounded<V> {
     cap: usize,
     clock: AtomicU64,
     evicted: AtomicU64,
-    /// One walk of every key at a time ([`Bounded::evict_all`], small maps
-    /// only): a std `Mutex`, never held across an await. A thread that
+    /// One walk of every key at a time ([`Bounded::evict_all`], for small
+    /// maps): a std `Mutex`, never held across an await. A thread that
     /// finds the map over its cap waits for the walk in progress and checks
     /// again.
     evicting: Mutex<()>,
@@ -1387,21 +1392,29 @@ impl<V: Default + Marked> Bounded<V> {
     }
 
     /// Brings the map back under its cap after an insert into `shard` took
-    /// it over: evicts the least recently used tenth of that one shard,
-    /// under its lock, inline. A big map never waits for a walk of every
-    /// key (a quarter of a second at two million), and there is nothing to
-    /// do in the background: at the cap, one insert in a few hundred pays
-    /// for one shard (about a thousand keys at the default cap).
+    /// it over: evicts the least recently used tenth of that shard, under
+    /// its lock, inline, and of the next shards while the map is still over
+    /// (a request that created several keys, or inserts on other threads
+    /// counted and not yet evicted for). A big map never waits for a walk of
+    /// every key (a quarter of a second at two million), and there is
+    /// nothing to do in the background: at the default cap, one insert in
+    /// about a hundred pays for one shard (about a thousand keys).
     ///
     /// The oldest of one shard stand for the oldest of the map: keys fall
     /// into shards by a seeded hash, so every shard holds a fair sample of
     /// the map's ages, much as Redis evicts the oldest of a sample of keys.
-    /// A small map (fewer than [`SHARD_EVICTION_MIN`] keys a shard), or a
-    /// shard with nothing to give, falls back to a walk of the whole map,
-    /// which at that size is short.
+    /// A small map (fewer than [`SHARD_EVICTION_MIN`] keys a shard) walks
+    /// every key instead, which at that size is short; so does a big map
+    /// still over its cap after [`EVICT_SHARDS`] shards, which takes a
+    /// flood of inserts on many threads at once.
     fn evict(&self, shard: usize) {
         if self.cap / SHARDS >= SHARD_EVICTION_MIN {
-            self.evict_shard(shard);
+            for next in 0..EVICT_SHARDS {
+                if self.len() <= self.cap {
+                    return;
+                }
+                self.evict_shard((shard + next) % SHARDS);
+            }
         }
         if self.len() > self.cap {
             self.evict_all();
@@ -2003,6 +2016,55 @@ mod tests {
         assert_eq!(map.len(), BIG + 1 - evicted);
         assert_eq!(map.map.len(), map.len());
         assert_eq!(map.read("one more", |v| v.copied()), Some(1));
+        // Every key evicted was in the shard "one more" went into.
+        let shard = map.shard_of("one more");
+        let gone: Vec<usize> = (0..BIG)
+            .filter(|i| map.read(&format!("k{i}"), |v| v.is_none()))
+            .map(|i| map.shard_of(&format!("k{i}")))
+            .collect();
+        assert_eq!(gone.len(), evicted);
+        assert!(gone.iter().all(|&s| s == shard), "{gone:?} not all {shard}");
+    }
+
+    /// A value that counts as marked when it says so.
+    #[derive(Default)]
+    struct Flag(bool);
+
+    impl Marked for Flag {
+        fn is_marked(&self) -> bool {
+            self.0
+        }
+    }
+
+    #[test]
+    fn evicting_a_shard_keeps_the_count_of_marked_entries() {
+        let map: Bounded<Flag> = Bounded::new(BIG);
+        for i in 0..BIG + 1_000 {
+            map.update(&format!("k{i}"), |v| v.0 = i % 2 == 0);
+        }
+        assert!(map.evicted() >= 1_000);
+        assert_eq!(map.len(), map.map.len());
+        let marked = map.map.iter().filter(|e| e.value.0).count();
+        assert_eq!(map.marked(), marked);
+    }
+
+    #[test]
+    fn a_request_that_creates_keys_at_the_cap_evicts_no_more_than_a_few_shards() {
+        // A cap of 16 keys a shard: one shard may give up a single key.
+        let cap = SHARDS * SHARD_EVICTION_MIN;
+        let map: Bounded<u32> = Bounded::new(cap);
+        for i in 0..cap {
+            map.update(&format!("k{i}"), |v| *v += 1);
+        }
+        for round in 0..100 {
+            let (a, b) = (format!("a{round}"), format!("b{round}"));
+            let _ = map.visit_many(&[(&a, true), (&b, true)], |_| ());
+            assert!(map.len() <= cap);
+        }
+        // 200 keys created: a walk of every key would have evicted a tenth
+        // of the map (3,276 keys) at least once.
+        let evicted = map.evicted() as usize;
+        assert!((200..1_000).contains(&evicted), "evicted {evicted}");
     }
 
     #[test]
