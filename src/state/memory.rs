@@ -1120,9 +1120,10 @@ type Entry<V> = (Key, dashmap::SharedValue<Stamped<V>>);
 
 /// A shard's entries, drained for an eviction, and their stamps.
 ///
-/// Kept from one eviction to the next: allocated afresh each time, tens of
-/// kilobytes, they made mimalloc retire and rebuild pages on every
-/// eviction, several percent of a saturated server's CPU at the cap.
+/// Kept from one eviction to the next, so that an eviction allocates
+/// nothing (a shard's entries are tens of kilobytes). Saturated at the
+/// cap, throughput was the same either way (BENCHMARKS.md, session 14): the
+/// cost there is in the allocations of the keys that replace the evicted.
 struct Drained<V> {
     entries: Vec<Entry<V>>,
     stamps: Vec<u64>,
