@@ -17,15 +17,20 @@ use crate::geo::{GeoDb, Location};
 use crate::model::{Login, Outcome, OutcomeKind, Recharge};
 use crate::pack::manifest::{Policy, StateFailure};
 use crate::pack::Pack;
-use crate::state::memory::IdemEntry;
+use crate::state::memory::{IdemEntry, OutcomeMark};
 use crate::state::profile::Profile;
 use crate::state::redis::{Logged, Opened};
 use crate::state::{
-    fnv1a, Begun, Conflict, KeptDecision, MemoryStore, RedisStore, Settled, StateError, Store,
+    fnv1a, releases, Begun, Conflict, KeptDecision, MemoryStore, RedisStore, Settled, StateError,
+    Store,
 };
 
 /// The code of the reason a decision made without state carries.
 pub const STATE_UNAVAILABLE: &str = "STATE_UNAVAILABLE";
+
+/// The pauses between attempts at a settle that failed: about 3 s in all,
+/// well inside the claim's [`crate::state::redis::PENDING_TTL_MS`].
+const SETTLE_PAUSES_MS: [u64; 6] = [50, 100, 200, 400, 800, 1600];
 
 /// How long a retry waits for another instance to finish deciding its id.
 pub const IN_FLIGHT_WAIT: Duration = Duration::from_secs(2);
@@ -43,6 +48,9 @@ struct Shared {
     geo: GeoDb,
     /// Where decisions, logins and outcomes are logged, when enabled.
     log: Option<DecisionLog>,
+    /// Settles of shared state that the answers did not wait for (see
+    /// [`Engine::finish_settles`]).
+    settles: tokio_util::task::TaskTracker,
 }
 
 /// A decision, and whether it is the stored answer to an earlier request.
@@ -68,6 +76,14 @@ pub enum EngineError {
     State(#[from] StateError),
     #[error("request_id `{0}` is still being decided by another call; retry it")]
     InFlight(String),
+    /// A second outcome that cannot be true with one reported before
+    /// ([`OutcomeKind::contradicts`]).
+    #[error("request_id `{request_id}` was already reported {earlier}, which contradicts {kind}")]
+    Contradicts {
+        request_id: String,
+        kind: &'static str,
+        earlier: &'static str,
+    },
 }
 
 impl Engine {
@@ -78,6 +94,7 @@ impl Engine {
                 store,
                 geo,
                 log,
+                settles: tokio_util::task::TaskTracker::new(),
             }),
         }
     }
@@ -102,6 +119,17 @@ impl Engine {
 
     pub fn geo(&self) -> &GeoDb {
         &self.shared.geo
+    }
+
+    /// Waits, up to `within`, for the settles of shared state still in
+    /// flight (answered decisions whose record and releases are being
+    /// written), so that a server that stops leaves none half done. Returns
+    /// how many were still running when it gave up.
+    pub async fn finish_settles(&self, within: Duration) -> usize {
+        let settles = &self.shared.settles;
+        settles.close();
+        let _ = tokio::time::timeout(within, settles.wait()).await;
+        settles.len()
     }
 
     /// Scores one recharge. A request id seen before with the same content gets
@@ -250,8 +278,28 @@ impl Engine {
             let (store, pack) = (store.clone(), pack.clone());
             let settle = async move {
                 let Judged { settled, learn } = judged;
-                if let Err(e) = store.settle(&pack.plan, &settled, learn, profile).await {
-                    tracing::warn!(request_id = %settled.decision.request_id, error = %e, "could not settle a decision in shared state");
+                let mut profile = profile;
+                // Retried while the claim holds (PENDING_TTL_MS): until one
+                // lands, a retry of the request waits, and after the claim
+                // lapses it would decide and count again. A retry passes no
+                // profile read: its compare-and-set reads the profile anew.
+                let mut pauses = SETTLE_PAUSES_MS.iter();
+                loop {
+                    let result = store
+                        .settle(&pack.plan, &settled, fingerprint, learn, profile.take())
+                        .await;
+                    let Err(e) = result else { break };
+                    let id = &settled.decision.request_id;
+                    match pauses.next() {
+                        Some(&ms) => {
+                            tracing::warn!(request_id = %id, error = %e, "could not settle a decision in shared state; retrying");
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        None => {
+                            tracing::error!(request_id = %id, error = %e, "could not settle a decision in shared state; gave up");
+                            break;
+                        }
+                    }
                 }
             };
             if store_settles_inline {
@@ -259,7 +307,7 @@ impl Engine {
             } else {
                 // The answer does not wait for this second write: the request
                 // record says "pending" until it lands, and a retry waits.
-                tokio::spawn(settle);
+                self.shared.settles.spawn(settle);
             }
         }
         Ok(Evaluated {
@@ -368,21 +416,31 @@ impl Engine {
                 let entry = m.find(&outcome.request_id).ok_or_else(unknown)?;
                 let kept = entry.settled.get().ok_or_else(unknown)?;
                 check_user(&outcome, kept.facts.user_id())?;
-                if !entry.mark_outcome(outcome.kind) {
-                    return Ok(true);
-                }
+                let release = releases(outcome.kind, kept.decision.action);
+                let release = match entry.mark_outcome(outcome.kind, release) {
+                    OutcomeMark::Fresh { release } => release,
+                    OutcomeMark::Seen => return Ok(true),
+                    OutcomeMark::Contradicts(earlier) => {
+                        return Err(contradicts(&outcome, earlier));
+                    }
+                };
                 let settled = kept.settled();
-                m.apply_outcome(&pack.plan, &settled, outcome.kind, outcome.timestamp_ms);
+                let ts = outcome.timestamp_ms;
+                m.apply_outcome(&pack.plan, &settled, outcome.kind, ts, release);
                 settled.facts.user_id
             }
             Store::Redis(r) => {
                 let settled = r.find(&outcome.request_id).await?.ok_or_else(unknown)?;
                 check_user(&outcome, &settled.facts.user_id)?;
-                if !r.mark_outcome(&outcome.request_id, outcome.kind).await? {
-                    return Ok(true);
+                let (id, kind, ts) = (&outcome.request_id, outcome.kind, outcome.timestamp_ms);
+                match r.apply_outcome(&pack.plan, id, &settled, kind, ts).await? {
+                    None => return Err(unknown()),
+                    Some(OutcomeMark::Seen) => return Ok(true),
+                    Some(OutcomeMark::Contradicts(earlier)) => {
+                        return Err(contradicts(&outcome, earlier));
+                    }
+                    Some(OutcomeMark::Fresh { .. }) => {}
                 }
-                r.apply_outcome(&pack.plan, &settled, outcome.kind, outcome.timestamp_ms)
-                    .await?;
                 settled.facts.user_id.clone()
             }
         };
@@ -390,11 +448,19 @@ impl Engine {
             log.offer(Record::Outcome(decision_log::OutcomeRecord {
                 request_id: outcome.request_id,
                 user_id,
-                outcome: outcome_name(outcome.kind).to_string(),
+                outcome: outcome.kind.name().to_string(),
                 timestamp_ms: outcome.timestamp_ms,
             }));
         }
         Ok(false)
+    }
+}
+
+fn contradicts(outcome: &Outcome, earlier: OutcomeKind) -> EngineError {
+    EngineError::Contradicts {
+        request_id: outcome.request_id.clone(),
+        kind: outcome.kind.name(),
+        earlier: earlier.name(),
     }
 }
 
@@ -494,16 +560,6 @@ fn seen(pack: &Pack, ctx: &crate::pack::script::Ctx) -> decision_log::Evaluation
             ruleset_version: pack.version.clone(),
         },
         latency_us: 0,
-    }
-}
-
-pub fn outcome_name(kind: OutcomeKind) -> &'static str {
-    match kind {
-        OutcomeKind::Succeeded => "succeeded",
-        OutcomeKind::Failed => "failed",
-        OutcomeKind::Chargeback => "chargeback",
-        OutcomeKind::ChallengePassed => "challenge_passed",
-        OutcomeKind::ChallengeFailed => "challenge_failed",
     }
 }
 

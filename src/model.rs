@@ -76,6 +76,41 @@ pub enum OutcomeKind {
 }
 
 impl OutcomeKind {
+    pub const ALL: [OutcomeKind; 5] = [
+        OutcomeKind::Succeeded,
+        OutcomeKind::Failed,
+        OutcomeKind::Chargeback,
+        OutcomeKind::ChallengePassed,
+        OutcomeKind::ChallengeFailed,
+    ];
+
+    /// The outcomes that cannot both be true of one request: a payment
+    /// that failed neither succeeded nor was charged back, and a challenge
+    /// was either passed or failed. The second of such a pair is refused,
+    /// so that (say) FAILED then SUCCEEDED cannot release a reservation
+    /// and leave the payment it stood for uncounted.
+    pub fn contradicts(self, other: OutcomeKind) -> bool {
+        use OutcomeKind::*;
+        matches!(
+            (self, other),
+            (Succeeded | Chargeback, Failed)
+                | (Failed, Succeeded | Chargeback)
+                | (ChallengePassed, ChallengeFailed)
+                | (ChallengeFailed, ChallengePassed)
+        )
+    }
+
+    /// The lower-case name (logs, messages, Redis record fields).
+    pub fn name(self) -> &'static str {
+        match self {
+            OutcomeKind::Succeeded => "succeeded",
+            OutcomeKind::Failed => "failed",
+            OutcomeKind::Chargeback => "chargeback",
+            OutcomeKind::ChallengePassed => "challenge_passed",
+            OutcomeKind::ChallengeFailed => "challenge_failed",
+        }
+    }
+
     pub fn bit(self) -> u8 {
         match self {
             OutcomeKind::Succeeded => 1,

@@ -290,6 +290,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(admin) = admin {
         let _ = admin.await;
     }
+    let unsettled = engine.finish_settles(Duration::from_secs(5)).await;
+    if unsettled > 0 {
+        tracing::error!(
+            unsettled,
+            "stopped with settles of shared state still in flight"
+        );
+    }
     for task in background {
         task.abort();
     }

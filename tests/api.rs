@@ -226,6 +226,27 @@ async fn events_and_outcomes_are_validated_too() {
             .into_inner()
             .replayed
     );
+    // A payment that succeeded did not fail: refused, naming both.
+    let err = s
+        .client
+        .report_outcome(outcome("known", "u1", OutcomeKind::Failed))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().starts_with("outcome"), "{err:?}");
+    assert!(
+        err.message().contains("succeeded") && err.message().contains("failed"),
+        "{err:?}"
+    );
+    // A chargeback after a success is what chargebacks are.
+    assert!(
+        !s.client
+            .report_outcome(outcome("known", "u1", OutcomeKind::Chargeback))
+            .await
+            .unwrap()
+            .into_inner()
+            .replayed
+    );
 }
 
 /// Copies the shipped pack into a temp dir, with `edit` applied to it.

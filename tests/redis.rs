@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use riskgate::config::Config;
-use riskgate::pb::{Action, OutcomeKind};
+use riskgate::pb::{self, Action, OutcomeKind};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A redis-server of this test's own, killed on drop.
@@ -203,6 +203,24 @@ async fn two_instances_agree_on_idempotency() {
         a.outcome("r1", OutcomeKind::Succeeded).await,
         "a second report is a replay"
     );
+    // One that contradicts it is refused by either instance.
+    let failed = pb::Outcome {
+        request_id: "r1".into(),
+        user_id: String::new(),
+        kind: OutcomeKind::Failed as i32,
+        timestamp_ms: 0,
+    };
+    let err = a.client.report_outcome(failed).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    // An outcome for an id never decided is not found.
+    let never = pb::Outcome {
+        request_id: "never".into(),
+        user_id: String::new(),
+        kind: OutcomeKind::Succeeded as i32,
+        timestamp_ms: 0,
+    };
+    let err = b.client.report_outcome(never).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
 }
 
 #[tokio::test]
@@ -528,4 +546,66 @@ async fn measure_the_touch_script_on_a_shared_device() {
             println!("{phase}: users {users}, own device {own_device}: {line}");
         }
     }
+}
+
+/// A settle that lands after its request's claim lapsed (a slow Redis, a
+/// retried settle) still stands: it puts the fingerprint back with the
+/// decision, so a retry of the request replays it instead of deciding and
+/// counting again, and another request under the id is still refused.
+#[tokio::test]
+async fn a_settle_after_the_claim_lapsed_still_stands() {
+    use riskgate::decision::{Action as Decided, Decision};
+    use riskgate::state::redis::{Opened, RedisConfig};
+    use riskgate::state::{RedisStore, Settled};
+    let Some(redis) = Redis::start() else { return };
+    let pack = riskgate::pack::Pack::load(&shipped_pack()).unwrap();
+    let store = RedisStore::connect(RedisConfig {
+        url: redis.url(),
+        prefix: "late".to_string(),
+        timeout_ms: 5_000,
+        idempotency_ttl_ms: 3_600_000,
+        inline_settle: true,
+    })
+    .await
+    .unwrap();
+    let r = on_shared_device(1, t0());
+    let Opened::Decide { profile, .. } = store.open(&pack.plan, &r, None, 42, true).await.unwrap()
+    else {
+        panic!("a new request id");
+    };
+    // The claim lapses before the settle lands.
+    let mut conn = redis.client().await;
+    let record = format!("{{late}}:r:{}", r.request_id);
+    let gone: i64 = redis::cmd("DEL")
+        .arg(&record)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(gone, 1, "the claim was at {record}");
+    let decision = Decision {
+        request_id: r.request_id.clone(),
+        action: Decided::Allow,
+        challenge: String::new(),
+        score: 0,
+        reasons: Vec::new(),
+        shadow_reasons: Vec::new(),
+        ruleset_version: "v".into(),
+    };
+    let settled = Settled {
+        decision: std::sync::Arc::new(decision),
+        facts: r.facts.clone(),
+        location: None,
+    };
+    store
+        .settle(&pack.plan, &settled, 42, false, profile)
+        .await
+        .unwrap();
+    match store.open(&pack.plan, &r, None, 42, true).await.unwrap() {
+        Opened::Replay(s) => assert_eq!(s.decision.request_id, r.request_id),
+        _ => panic!("the retry must replay the settled decision"),
+    }
+    assert!(matches!(
+        store.open(&pack.plan, &r, None, 7, true).await.unwrap(),
+        Opened::Conflict
+    ));
 }

@@ -18,8 +18,8 @@ use riskgate::model::{Account, AccountStatus, Facts, Login, Outcome, OutcomeKind
 use riskgate::pack::manifest::Mode;
 use riskgate::pack::script::Ctx;
 use riskgate::pack::{Pack, Verdict};
-use riskgate::state::memory::MemoryLimits;
-use riskgate::state::{fnv1a, Begun, KeptDecision, MemoryStore, Settled};
+use riskgate::state::memory::{MemoryLimits, OutcomeMark};
+use riskgate::state::{fnv1a, releases, Begun, KeptDecision, MemoryStore, Settled};
 
 /// Event time of the first generated step: 2026-01-01T00:00:00Z.
 pub const T0_MS: i64 = 1_767_225_600_000;
@@ -647,10 +647,12 @@ impl Pipeline {
                 let Some(kept) = entry.settled.get() else {
                     return;
                 };
-                if entry.mark_outcome(o.kind) {
+                let release = releases(o.kind, kept.decision.action);
+                if let OutcomeMark::Fresh { release } = entry.mark_outcome(o.kind, release) {
                     let settled = kept.settled();
+                    let ts = o.timestamp_ms;
                     self.store
-                        .apply_outcome(&self.pack.plan, &settled, o.kind, o.timestamp_ms);
+                        .apply_outcome(&self.pack.plan, &settled, o.kind, ts, release);
                 }
             }
         }

@@ -102,6 +102,7 @@ fn status(e: EngineError) -> Status {
         EngineError::UserMismatch { .. } => Status::invalid_argument(format!("user_id: {e}")),
         EngineError::State(_) => Status::unavailable(e.to_string()),
         EngineError::InFlight(_) => Status::aborted(e.to_string()),
+        EngineError::Contradicts { .. } => Status::failed_precondition(format!("outcome: {e}")),
     }
 }
 

@@ -91,7 +91,7 @@ pub struct IdemEntry {
     pub fingerprint: u64,
     pub created_ms: i64,
     pub settled: OnceLock<KeptDecision>,
-    /// Outcome bits ([`OutcomeKind::bit`]) and [`ABANDONED`].
+    /// Outcome bits ([`OutcomeKind::bit`]), [`RELEASED`] and [`ABANDONED`].
     flags: AtomicU8,
 }
 
@@ -99,10 +99,48 @@ pub struct IdemEntry {
 /// next claim of the id decides afresh, and waiters stop waiting.
 const ABANDONED: u8 = 0x80;
 
+/// An outcome took the request's reservation back (see
+/// [`super::releases`]): no later one does it again.
+const RELEASED: u8 = 0x40;
+
+/// What marking an outcome on a record found ([`IdemEntry::mark_outcome`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeMark {
+    /// This call marked the outcome. `release`: it also took the request's
+    /// one release, and must take the reservation back.
+    Fresh { release: bool },
+    /// The outcome was marked before: nothing to apply.
+    Seen,
+    /// An outcome marked before contradicts this one
+    /// ([`OutcomeKind::contradicts`]): refused.
+    Contradicts(OutcomeKind),
+}
+
 impl IdemEntry {
-    /// Marks an outcome as applied; false when it already was.
-    pub fn mark_outcome(&self, kind: OutcomeKind) -> bool {
-        self.flags.fetch_or(kind.bit(), Ordering::AcqRel) & kind.bit() == 0
+    /// Marks an outcome as applied, in one atomic step with the checks:
+    /// seen before, contradicted by an earlier outcome, and (for an outcome
+    /// that `release`s) whether the request's reservation is still held.
+    pub fn mark_outcome(&self, kind: OutcomeKind, release: bool) -> OutcomeMark {
+        let mut found = OutcomeMark::Seen;
+        let _ = self
+            .flags
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |flags| {
+                if flags & kind.bit() != 0 {
+                    found = OutcomeMark::Seen;
+                    return None;
+                }
+                let earlier = OutcomeKind::ALL
+                    .into_iter()
+                    .find(|k| flags & k.bit() != 0 && kind.contradicts(*k));
+                if let Some(earlier) = earlier {
+                    found = OutcomeMark::Contradicts(earlier);
+                    return None;
+                }
+                let release = release && flags & RELEASED == 0;
+                found = OutcomeMark::Fresh { release };
+                Some(flags | kind.bit() | if release { RELEASED } else { 0 })
+            });
+        found
     }
 
     /// Marks the record as given up by its creator, unless it was settled.
@@ -425,20 +463,18 @@ impl MemoryStore {
         }
     }
 
+    /// Applies an outcome that [`IdemEntry::mark_outcome`] marked;
+    /// `release` as it said.
     pub fn apply_outcome(
         &self,
         plan: &WindowPlan,
         settled: &Settled,
         kind: OutcomeKind,
         ts_ms: i64,
+        release: bool,
     ) {
         let facts = &settled.facts;
         let decided = settled.decision.action;
-        let release = match kind {
-            OutcomeKind::Failed => decided != Action::Block,
-            OutcomeKind::ChallengeFailed => decided == Action::Challenge,
-            _ => false,
-        };
         if release {
             self.release(plan, facts);
         }
@@ -1546,6 +1582,36 @@ mod tests {
     impl MemoryStore {
         fn with_slot<R>(&self, key: &str, f: impl FnOnce(Option<&Slot>) -> R) -> R {
             self.windows.read(key, f)
+        }
+    }
+
+    #[test]
+    fn a_record_is_released_once_and_contradictions_are_refused() {
+        let store = MemoryStore::new(MemoryLimits::default());
+        let entry = store.claim("r1", 1).unwrap().entry;
+        // A failed challenge takes the reservation back...
+        assert_eq!(
+            entry.mark_outcome(OutcomeKind::ChallengeFailed, true),
+            OutcomeMark::Fresh { release: true }
+        );
+        assert_eq!(
+            entry.mark_outcome(OutcomeKind::ChallengeFailed, true),
+            OutcomeMark::Seen
+        );
+        assert_eq!(
+            entry.mark_outcome(OutcomeKind::ChallengePassed, false),
+            OutcomeMark::Contradicts(OutcomeKind::ChallengeFailed)
+        );
+        // ...and the failed payment after it is marked, but releases nothing.
+        assert_eq!(
+            entry.mark_outcome(OutcomeKind::Failed, true),
+            OutcomeMark::Fresh { release: false }
+        );
+        for later in [OutcomeKind::Succeeded, OutcomeKind::Chargeback] {
+            assert_eq!(
+                entry.mark_outcome(later, false),
+                OutcomeMark::Contradicts(OutcomeKind::Failed)
+            );
         }
     }
 

@@ -18,8 +18,22 @@ pub use memory::{Claim, KeptDecision, MemoryStore, Settled, StoreStats};
 pub use profile::ProfileView;
 pub use redis::RedisStore;
 
+use crate::decision::Action;
 use crate::model::{Facts, Field, OutcomeKind};
 use window::Shape;
+
+/// Whether an outcome takes its request's reservation back out of the
+/// `allowed` windows: a payment that failed after an allow or a challenge
+/// (a block released its own when it was decided), or a failed challenge.
+/// A request is released at most once, however many such outcomes arrive
+/// (a failed challenge, then the failed payment): both stores keep a mark.
+pub fn releases(kind: OutcomeKind, decided: Action) -> bool {
+    match kind {
+        OutcomeKind::Failed => decided != Action::Block,
+        OutcomeKind::ChallengeFailed => decided == Action::Challenge,
+        _ => false,
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aggregate {

@@ -22,7 +22,7 @@
 //!   value; same TTL.
 //! - `{prefix}:p:<user>`: the profile ([`Profile::encode`]); TTL the profile span.
 //! - `{prefix}:r:<request id>`: a hash, `fp` (fingerprint), `d` (the decision),
-//!   `o<kind>` (outcome marks); TTL the idempotency TTL ([`PENDING_TTL_MS`]
+//!   `o<kind>` (outcome marks), `rel` (its reservation was released); TTL the idempotency TTL ([`PENDING_TTL_MS`]
 //!   while the decision is being made, so a crashed instance's claim lapses).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,9 +32,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
-use super::memory::Settled;
+use super::memory::{OutcomeMark, Settled};
 use super::profile::Profile;
-use super::{Aggregate, Begun, Counts, StateError, Touch, Window, WindowPlan};
+use super::{releases, Aggregate, Begun, Counts, StateError, Touch, Window, WindowPlan};
 use crate::decision::{Action, Decision};
 use crate::geo::Location;
 use crate::model::{Facts, Login, OutcomeKind, Recharge};
@@ -105,6 +105,26 @@ pub enum Logged {
 /// The outcome marks of a request record.
 fn outcome_field(kind: OutcomeKind) -> String {
     format!("o{}", kind.bit())
+}
+
+/// What `touch.lua` does with the record (its first key) before it touches
+/// the windows; each carries the fingerprint of the request or event.
+#[derive(Clone, Copy)]
+enum Guard {
+    /// Nothing: windows only.
+    None,
+    /// Reads what is recorded under a request id, claiming nothing (a dry
+    /// run).
+    Peek(u64),
+    /// Claims a request id for a new decision, or finds it decided, being
+    /// decided, or used by another request.
+    Claim(u64),
+    /// Claims a login's event id, or finds it seen.
+    Event(u64),
+    /// Marks an outcome on an existing record, unless it was marked before
+    /// or an outcome marked before contradicts it: the mark and what the
+    /// outcome counts land together or not at all.
+    Outcome(OutcomeKind),
 }
 
 /// The decision as stored in a request record.
@@ -301,13 +321,12 @@ impl RedisStore {
         ops
     }
 
-    /// One call of `touch.lua`.
+    /// One call of `touch.lua`: `guard` on the record at `record_key`, then
+    /// the window operations.
     async fn run_touch(
         &self,
-        mode: &str,
+        guard: Guard,
         record_key: &str,
-        fingerprint: u64,
-        record_ttl_ms: i64,
         profile_key: &str,
         ops: &WindowOps,
     ) -> Result<Vec<Value>, StateError> {
@@ -316,9 +335,25 @@ impl RedisStore {
         for k in &ops.keys {
             call.key(k);
         }
-        call.arg(mode)
-            .arg(fingerprint.to_string())
-            .arg(record_ttl_ms);
+        match guard {
+            Guard::None => call.arg("none").arg("").arg(0),
+            Guard::Peek(fp) => call.arg("peek").arg(fp.to_string()).arg(0),
+            Guard::Claim(fp) => call.arg("claim").arg(fp.to_string()).arg(PENDING_TTL_MS),
+            Guard::Event(fp) => call
+                .arg("event")
+                .arg(fp.to_string())
+                .arg(self.idempotency_ttl_ms),
+            Guard::Outcome(kind) => {
+                let contradicting: Vec<String> = OutcomeKind::ALL
+                    .into_iter()
+                    .filter(|k| kind.contradicts(*k))
+                    .map(outcome_field)
+                    .collect();
+                call.arg("outcome")
+                    .arg(outcome_field(kind))
+                    .arg(contradicting.join(" "))
+            }
+        };
         for a in &ops.args {
             call.arg(a);
         }
@@ -341,10 +376,12 @@ impl RedisStore {
         let ops = self.window_ops(plan, facts, |w| Touch::of_recharge(w, facts, record));
         let reply = self
             .run_touch(
-                if record { "claim" } else { "peek" },
+                if record {
+                    Guard::Claim(fingerprint)
+                } else {
+                    Guard::Peek(fingerprint)
+                },
                 &self.request_key(&recharge.request_id),
-                fingerprint,
-                PENDING_TTL_MS,
                 &self.profile_key(&facts.user_id),
                 &ops,
             )
@@ -396,12 +433,13 @@ impl RedisStore {
     }
 
     /// Stores a decision, releases a block's reservations and teaches the
-    /// profile. Runs after the answer is sent.
-    #[allow(clippy::too_many_arguments)]
+    /// profile. Runs after the answer is sent; safe to retry (the record is
+    /// written whole, a release happens once, the profile by compare-and-set).
     pub async fn settle(
         &self,
         plan: &WindowPlan,
         settled: &Settled,
+        fingerprint: u64,
         learn: bool,
         profile_read: Option<Vec<u8>>,
     ) -> Result<(), StateError> {
@@ -417,7 +455,7 @@ impl RedisStore {
         self.write(
             plan,
             &settled.decision.request_id,
-            Some(stored),
+            Some((stored, fingerprint)),
             facts,
             release,
             profile_read,
@@ -432,22 +470,26 @@ impl RedisStore {
             },
         )
         .await
+        .map(|_| ())
     }
 
     /// `settle.lua`, retried on a lost compare-and-set of the profile with
-    /// the profile as it is now. `change` edits the profile and says whether
-    /// it changed anything.
+    /// the profile as it is now. `decision`: the decision to store in the
+    /// record, with its request's fingerprint. `release`: take the request's
+    /// reservations back, unless that was done before (the record keeps a
+    /// mark). `change` edits the profile and says whether it changed
+    /// anything. Returns whether this call released.
     #[allow(clippy::too_many_arguments)]
     async fn write(
         &self,
         plan: &WindowPlan,
         request_id: &str,
-        mut decision: Option<Vec<u8>>,
+        mut decision: Option<(Vec<u8>, u64)>,
         facts: &Facts,
         release: bool,
         mut profile_read: Option<Vec<u8>>,
         change: impl Fn(&mut Profile) -> bool,
-    ) -> Result<(), StateError> {
+    ) -> Result<bool, StateError> {
         let (mut release_keys, mut release_args) = (Vec::new(), Vec::new());
         if release {
             let mut group_key = String::with_capacity(64);
@@ -468,6 +510,7 @@ impl RedisStore {
         }
         let record_key = self.request_key(request_id);
         let profile_key = self.profile_key(&facts.user_id);
+        let mut released = false;
         for _ in 0..8 {
             let mut profile = decode_profile(profile_read.as_deref());
             let changed = change(&mut profile);
@@ -480,12 +523,17 @@ impl RedisStore {
             for k in &release_keys {
                 call.key(k);
             }
-            call.arg(decision.as_deref().unwrap_or_default())
+            let (stored, fingerprint) = match &decision {
+                Some((stored, fp)) => (stored.as_slice(), fp.to_string()),
+                None => (&[][..], String::new()),
+            };
+            call.arg(stored)
                 .arg(self.idempotency_ttl_ms)
                 .arg(if changed { "cas" } else { "keep" })
                 .arg(profile_read.as_deref().unwrap_or_default())
                 .arg(&new)
-                .arg(plan.profile_span_ms.max(1));
+                .arg(plan.profile_span_ms.max(1))
+                .arg(fingerprint);
             for a in &release_args {
                 call.arg(a);
             }
@@ -493,8 +541,9 @@ impl RedisStore {
             let reply = self
                 .watch(self.timeout, call.invoke_async::<Vec<Value>>(&mut conn))
                 .await?;
+            released |= int(reply.get(2)) == 1;
             if int(reply.first()) == 1 {
-                return Ok(());
+                return Ok(released);
             }
             // Someone else updated the profile first: the decision and the
             // releases are done; apply the change to the profile as it is now.
@@ -533,13 +582,11 @@ impl RedisStore {
         let reply = self
             .run_touch(
                 if login.event_id.is_empty() {
-                    "none"
+                    Guard::None
                 } else {
-                    "event"
+                    Guard::Event(event_fingerprint)
                 },
                 &event_key,
-                event_fingerprint,
-                self.idempotency_ttl_ms,
                 &self.profile_key(&login.user_id),
                 &ops,
             )
@@ -550,7 +597,8 @@ impl RedisStore {
             _ => {}
         }
         let (ts, span) = (login.timestamp_ms, plan.profile_span_ms);
-        self.write(plan, "", None, &facts, false, bytes(reply.get(2)), |p| {
+        let profile_read = bytes(reply.get(2));
+        self.write(plan, "", None, &facts, false, profile_read, |p| {
             if login.succeeded {
                 p.login(ts, span, location);
                 true
@@ -565,90 +613,99 @@ impl RedisStore {
         Ok(Logged::Recorded)
     }
 
-    /// Marks an outcome on the request record: false when it already was.
-    pub async fn mark_outcome(
-        &self,
-        request_id: &str,
-        kind: OutcomeKind,
-    ) -> Result<bool, StateError> {
-        let mut conn = self.conn.clone();
-        let fresh: i64 = self
-            .watch(
-                self.timeout,
-                redis::cmd("HSETNX")
-                    .arg(self.request_key(request_id))
-                    .arg(outcome_field(kind))
-                    .arg(1)
-                    .query_async(&mut conn),
-            )
-            .await?;
-        Ok(fresh == 1)
-    }
-
-    /// Applies an outcome, as the in-memory store does.
+    /// Applies an outcome of the request at `request_id`, decided as
+    /// `settled`, as the in-memory store does. `None`: the record is gone.
+    ///
+    /// Two calls, each safe to retry. The first marks the outcome and
+    /// records what it counts in one script, so a timeout either did both or
+    /// neither. The second takes the reservation back (a failed payment, a
+    /// failed challenge) under the record's release mark, and runs again on
+    /// a retry that finds the outcome marked, so a release that failed is
+    /// done by the retry and never twice. Learning the region from a passed
+    /// challenge happens only in the call that marked it: if that write
+    /// fails, the profile does without this one region.
     pub async fn apply_outcome(
         &self,
         plan: &WindowPlan,
+        request_id: &str,
         settled: &Settled,
         kind: OutcomeKind,
         ts_ms: i64,
-    ) -> Result<(), StateError> {
+    ) -> Result<Option<OutcomeMark>, StateError> {
         let facts = &settled.facts;
         let decided = settled.decision.action;
-        let release = match kind {
-            OutcomeKind::Failed => decided != Action::Block,
-            OutcomeKind::ChallengeFailed => decided == Action::Challenge,
-            _ => false,
-        };
         let challenge_kind = matches!(
             kind,
             OutcomeKind::ChallengeFailed | OutcomeKind::ChallengePassed
         );
         let counts =
             Counts::of_outcome(kind).filter(|_| !challenge_kind || decided == Action::Challenge);
-        if let Some(want) = counts {
-            let at = Facts {
-                timestamp_ms: ts_ms,
-                ..facts.clone()
-            };
-            let ops = self.window_ops(plan, &at, |w| {
-                if w.counts == want && facts.amount >= w.min_amount {
-                    Touch::Record(w.delta(&at))
-                } else {
-                    Touch::Read
-                }
-            });
-            let none = self.key("r", "");
-            self.run_touch("none", &none, 0, 0, &self.profile_key(""), &ops)
-                .await?;
-        }
-        let learn_from = settled
-            .location
-            .as_deref()
-            .filter(|_| kind == OutcomeKind::ChallengePassed && decided == Action::Challenge);
+        let at = Facts {
+            timestamp_ms: ts_ms,
+            ..facts.clone()
+        };
+        let ops = self.window_ops(plan, &at, |w| match counts {
+            Some(want) if w.counts == want && facts.amount >= w.min_amount => {
+                Touch::Record(w.delta(&at))
+            }
+            _ => Touch::Read,
+        });
+        let record_key = self.request_key(request_id);
+        let reply = self
+            .run_touch(
+                Guard::Outcome(kind),
+                &record_key,
+                &self.profile_key(""),
+                &ops,
+            )
+            .await?;
+        let fresh = match status(&reply) {
+            "gone" => return Ok(None),
+            "seen" => false,
+            "contradicts" => {
+                let field = bytes(reply.get(1)).unwrap_or_default();
+                let earlier = OutcomeKind::ALL
+                    .into_iter()
+                    .find(|k| outcome_field(*k).as_bytes() == field.as_slice())
+                    .ok_or_else(|| bad_reply("an unknown outcome mark"))?;
+                return Ok(Some(OutcomeMark::Contradicts(earlier)));
+            }
+            "new" => true,
+            other => return Err(bad_reply(other)),
+        };
+        let release = releases(kind, decided);
+        let learn_from = settled.location.as_deref().filter(|_| {
+            fresh && kind == OutcomeKind::ChallengePassed && decided == Action::Challenge
+        });
+        let mut released = false;
         if release || learn_from.is_some() {
             let profile = match learn_from {
                 Some(_) => self.read_profile(&facts.user_id).await?,
                 None => None,
             };
-            self.write(
-                plan,
-                "",
-                None,
-                facts,
-                release,
-                profile,
-                |p| match learn_from {
-                    Some(loc) => {
-                        p.learn(facts.timestamp_ms, loc);
-                        true
-                    }
-                    None => false,
-                },
-            )
-            .await?;
+            released = self
+                .write(
+                    plan,
+                    request_id,
+                    None,
+                    facts,
+                    release,
+                    profile,
+                    |p| match learn_from {
+                        Some(loc) => {
+                            p.learn(facts.timestamp_ms, loc);
+                            true
+                        }
+                        None => false,
+                    },
+                )
+                .await?;
         }
-        Ok(())
+        Ok(Some(if fresh || released {
+            OutcomeMark::Fresh { release: released }
+        } else {
+            OutcomeMark::Seen
+        }))
     }
 
     async fn read_profile(&self, user_id: &str) -> Result<Option<Vec<u8>>, StateError> {

@@ -1063,6 +1063,7 @@ pub fn get_profile(r: &mut Reader) -> Result<Profile, SnapshotError> {
 mod tests {
     use super::*;
     use crate::model::{Field, Login, OutcomeKind, Recharge};
+    use crate::state::memory::OutcomeMark;
     use crate::state::memory::{KeptDecision, MemoryLimits, Settled};
     use crate::state::window::Shape;
     use crate::state::{Aggregate, Counts, KeyGroup, MemoryStore, Window, WindowPlan};
@@ -1210,7 +1211,10 @@ mod tests {
         store.claim("\u{1e}event\u{1f}e1", 7).unwrap();
         store.claim("in-flight", 8).unwrap();
         let r2 = store.find("r2").unwrap();
-        assert!(r2.mark_outcome(OutcomeKind::Succeeded));
+        assert_eq!(
+            r2.mark_outcome(OutcomeKind::Succeeded, false),
+            OutcomeMark::Fresh { release: false }
+        );
         store
     }
 
@@ -1282,11 +1286,20 @@ mod tests {
         assert_eq!(settled.facts.timestamp_ms, t0 + 2 * MIN);
         assert_eq!(settled.facts.facts().device_id, "d0");
         assert_eq!(settled.location.as_deref(), Some(&loc));
-        assert!(
-            !entry.mark_outcome(OutcomeKind::Succeeded),
+        assert_eq!(
+            entry.mark_outcome(OutcomeKind::Succeeded, false),
+            OutcomeMark::Seen,
             "already applied"
         );
-        assert!(entry.mark_outcome(OutcomeKind::Chargeback));
+        assert_eq!(
+            entry.mark_outcome(OutcomeKind::Failed, true),
+            OutcomeMark::Contradicts(OutcomeKind::Succeeded),
+            "the mark came back with the record"
+        );
+        assert_eq!(
+            entry.mark_outcome(OutcomeKind::Chargeback, false),
+            OutcomeMark::Fresh { release: false }
+        );
         let claim = b.claim("r3", 1003).unwrap();
         assert!(!claim.fresh);
         assert!(claim.entry.settled.get().is_some());

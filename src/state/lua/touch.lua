@@ -9,9 +9,10 @@
 --          hold no control characters): member the value, score its last
 --          seen ms. Every operation on it is O(log n), so a key thousands of
 --          users share costs what any other does.
--- ARGV[1]  claim | peek | event | none
--- ARGV[2]  the request fingerprint
--- ARGV[3]  TTL of a new record, ms
+-- ARGV[1]  claim | peek | event | outcome | none
+-- ARGV[2]  the request fingerprint; for an outcome, its mark field (o<bit>)
+-- ARGV[3]  TTL of a new record, ms; for an outcome, the mark fields of the
+--          outcomes that contradict it, space separated
 -- then per key group: its TTL (ms), its number of windows n, and six per window:
 --   kind  s (series) | d (distinct)
 --   op    r (record, then read) | i (read, counting this request in) | g (read)
@@ -22,7 +23,15 @@
 local MAX_DISTINCT = 4096
 
 local mode = ARGV[1]
-if mode ~= 'none' then
+if mode == 'outcome' then
+  -- Marked here, with what the outcome counts below: both or neither.
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+  if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return {'seen'} end
+  for field in string.gmatch(ARGV[3], '%S+') do
+    if redis.call('HEXISTS', KEYS[1], field) == 1 then return {'contradicts', field} end
+  end
+  redis.call('HSET', KEYS[1], ARGV[2], 1)
+elseif mode ~= 'none' then
   local fp = redis.call('HGET', KEYS[1], 'fp')
   if fp then
     if fp ~= ARGV[2] then return {'conflict'} end
