@@ -860,6 +860,15 @@ fn get_idem(r: &mut snapshot::Reader, key: &str) -> Result<IdemEntry, SnapshotEr
         }),
         other => return Err(r.corrupt(format!("settled flag {other}"))),
     };
+    // A request still being decided when the snapshot was written: its
+    // decider went with the process. Abandoned, so that a retry decides
+    // afresh instead of waiting for a decision that never comes. (Keys that
+    // start with a control character are not request ids, which cannot hold
+    // one: a login's event id never holds a decision, and stays as it was.)
+    let flags = match &settled {
+        None if !key.starts_with('\u{1e}') => flags | ABANDONED,
+        _ => flags,
+    };
     let cell = OnceLock::new();
     if let Some(settled) = settled {
         let _ = cell.set(settled);

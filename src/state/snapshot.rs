@@ -1307,6 +1307,7 @@ mod tests {
         // Bare claims: the event id replays; the one in flight decides anew.
         assert!(!b.claim("\u{1e}event\u{1f}e1", 7).unwrap().fresh);
         let in_flight = b.claim("in-flight", 8).unwrap();
+        assert!(in_flight.fresh, "its decider is gone: this claim decides");
         assert!(in_flight.entry.settled.get().is_none());
         // Shared strings are shared again.
         let r1 = b.find("r1").unwrap();
