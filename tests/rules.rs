@@ -21,6 +21,30 @@ async fn burst_blocks_the_fifth_large_order_in_ten_minutes() {
     assert!(d.reasons[0].score > 0);
 }
 
+/// A caller whose clock runs minutes fast does not reset the burst window
+/// for everyone on time: its time is taken as the server's.
+#[tokio::test]
+async fn a_request_stamped_ahead_does_not_drop_a_burst() {
+    let mut s = start().await;
+    let now = riskgate::now_ms();
+    for i in 0..4 {
+        let d = s
+            .eval(recharge(
+                &format!("b{i}"),
+                "u1",
+                500,
+                now - 8 * MIN + i * MIN,
+            ))
+            .await;
+        assert_decision(&d, Action::Allow, None);
+    }
+    // A small order stamped 4 minutes ahead (within the accepted skew).
+    let d = s.eval(recharge("ahead", "u1", 20, now + 4 * MIN)).await;
+    assert_decision(&d, Action::Allow, None);
+    let d = s.eval(recharge("b4", "u1", 500, now)).await;
+    assert_decision(&d, Action::Block, Some("BURST_FREQUENCY"));
+}
+
 #[tokio::test]
 async fn burst_ignores_small_orders_and_old_ones() {
     let mut s = start().await;

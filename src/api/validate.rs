@@ -22,7 +22,8 @@ pub const MAX_ATTRIBUTE_VALUE_LEN: usize = 256;
 /// Largest amount accepted, in fen (10 million yuan): a guard against
 /// overflow in sums, far above any single recharge.
 pub const MAX_AMOUNT: i64 = 1_000_000_000;
-/// How far in the past an event time may be: the longest window span.
+/// How far in the past an event time may be (late events; a window longer
+/// than this never holds one older).
 pub const MAX_PAST_MS: i64 = 30 * 86_400_000;
 /// How far in the future an event time may be (clock skew).
 pub const MAX_FUTURE_MS: i64 = 5 * 60_000;
@@ -130,6 +131,12 @@ fn v6_text(v6: std::net::Ipv6Addr) -> String {
 }
 
 /// Event time: 0 means now; otherwise within the accepted range.
+///
+/// A time ahead of the server's clock (a caller's clock that runs fast, up
+/// to [`MAX_FUTURE_MS`]) is taken as now. Windows drop what falls out of
+/// their span as of the newest time they have seen, so one request stamped
+/// minutes ahead would drop, for every request on time after it, the oldest
+/// minutes of each short window (a burst's first orders).
 fn event_time(field: &str, ts: i64, now: i64) -> Result<i64, Status> {
     if ts == 0 {
         return Ok(now);
@@ -140,7 +147,7 @@ fn event_time(field: &str, ts: i64, now: i64) -> Result<i64, Status> {
     if ts > now + MAX_FUTURE_MS {
         return Err(invalid(field, "is more than 5 minutes in the future"));
     }
-    Ok(ts)
+    Ok(ts.min(now))
 }
 
 pub fn recharge(req: pb::EvaluateRequest, now: i64) -> Result<Recharge, Status> {
@@ -308,7 +315,8 @@ pub fn outcome(o: pb::Outcome, now: i64) -> Result<Outcome, Status> {
             ))
         }
         ts if ts < 0 => return Err(invalid("timestamp_ms", "must not be negative")),
-        ts => ts,
+        // Ahead of the server's clock: now (see `event_time`).
+        ts => ts.min(now),
     };
     Ok(Outcome {
         request_id: o.request_id,
