@@ -65,16 +65,12 @@ pub struct Decision {
 
 impl Decision {
     /// Whether this decision may teach the user's profile the request's
-    /// region: an allow, unless a location anomaly was only let through by
-    /// leniency (one small probe must not make a new region "usual" for
-    /// large amounts).
-    pub fn teaches_profile(&self, leniency: Option<&Leniency>) -> bool {
-        let anomaly = leniency.is_some_and(|l| {
-            self.shadow_reasons
-                .iter()
-                .any(|r| l.demote.contains(&r.code))
-        });
-        self.action == Action::Allow && !anomaly
+    /// region: an allow, unless only leniency made it one (`lenient`, see
+    /// [`Leniency::applies`]): one small probe must not make a new region
+    /// "usual" for large amounts. Shadow notes play no part: a shadow rule
+    /// never changes a decision, later ones included.
+    pub fn teaches_profile(&self, lenient: bool) -> bool {
+        self.action == Action::Allow && !lenient
     }
 }
 
@@ -86,6 +82,16 @@ pub const SCORE_THRESHOLD: &str = "SCORE_THRESHOLD";
 pub struct Leniency {
     pub below_amount: i64,
     pub demote: Vec<String>,
+}
+
+impl Leniency {
+    /// Whether it lets a request of `amount` with these enforcing hits
+    /// through: below its amount, and every hit one it demotes.
+    pub fn applies(&self, amount: i64, reasons: &[Reason]) -> bool {
+        amount < self.below_amount
+            && !reasons.is_empty()
+            && reasons.iter().all(|r| self.demote.contains(&r.code))
+    }
 }
 
 /// Combines the hits of one request into a decision.
@@ -101,13 +107,8 @@ pub fn combine(
     leniency: Option<&Leniency>,
     ruleset_version: Arc<str>,
 ) -> Decision {
-    if let Some(l) = leniency {
-        let lenient = amount < l.below_amount
-            && !reasons.is_empty()
-            && reasons.iter().all(|r| l.demote.contains(&r.code));
-        if lenient {
-            shadow_reasons.append(&mut reasons);
-        }
+    if leniency.is_some_and(|l| l.applies(amount, &reasons)) {
+        shadow_reasons.append(&mut reasons);
     }
     // Strongest first; ties keep rule order (the sort is stable).
     reasons.sort_by(|a, b| b.action.cmp(&a.action).then(b.score.cmp(&a.score)));

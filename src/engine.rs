@@ -336,6 +336,8 @@ impl Engine {
         let Recharge {
             request_id, facts, ..
         } = ctx.recharge;
+        let lenient =
+            (pack.leniency.as_ref()).is_some_and(|l| l.applies(facts.amount, &verdict.reasons));
         let decision = combine(
             request_id,
             facts.amount,
@@ -345,7 +347,7 @@ impl Engine {
             pack.leniency.as_ref(),
             pack.version.clone(),
         );
-        let learn = decision.teaches_profile(pack.leniency.as_ref());
+        let learn = decision.teaches_profile(lenient);
         if let (Some(log), Some(mut seen)) = (&self.shared.log, seen) {
             seen.decision = decision.clone();
             seen.latency_us = started.map_or(0, |t| t.elapsed().as_micros() as u64);

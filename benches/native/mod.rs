@@ -605,6 +605,8 @@ impl Pipeline {
         let Recharge {
             request_id, facts, ..
         } = ctx.recharge;
+        let lenient =
+            (pack.leniency.as_ref()).is_some_and(|l| l.applies(facts.amount, &verdict.reasons));
         let decision = combine(
             request_id,
             facts.amount,
@@ -614,7 +616,7 @@ impl Pipeline {
             pack.leniency.as_ref(),
             pack.version.clone(),
         );
-        let learn = decision.teaches_profile(pack.leniency.as_ref());
+        let learn = decision.teaches_profile(lenient);
         self.store.settle(
             &pack.plan,
             &facts,
