@@ -1012,6 +1012,27 @@ file = "block.txt"
         assert_eq!(p.fast_coverage(), (6, 2, 1));
     }
 
+    /// A rule variable passed whole (to a function, into a `let`) is the
+    /// variable, not `()`: compiling must not fold the variables into
+    /// constants of the placeholder it compiles against.
+    #[test]
+    fn rule_variables_passed_whole_are_the_variables() {
+        let p = pack(&[(
+            "whole",
+            "fn big(r) { r.amount > 900 } let a = account; if big(request) && a.status == \"frozen\" { flag(\"WHOLE\", \"w\") }",
+            "",
+        )]);
+        let verdicts = agree(&p);
+        let codes = |v: &Verdict| v.reasons.iter().map(|r| r.code.clone()).collect::<Vec<_>>();
+        assert!(verdicts
+            .iter()
+            .all(|v| !codes(v).contains(&"RULE_ERROR".to_string())));
+        assert!(
+            verdicts.iter().any(|v| codes(v) == ["WHOLE"]),
+            "{verdicts:?}"
+        );
+    }
+
     #[test]
     fn compiled_operators_are_rhais() {
         let p = pack(&[
