@@ -71,6 +71,10 @@ file = "a.rhai"
 [[rules]]
 id = "a"
 file = "b.rhai"
+
+[limits]
+max_operations = 0
+max_string_size = 100000000
 "#,
     )
     .unwrap();
@@ -91,13 +95,15 @@ file = "b.rhai"
         "a.rhai:1:11: unknown window `per_usr`",
         "a.rhai:2:3: unknown function `blok`",
         "b.rhai:1:9:",
+        "pack.toml:27:1: limits.max_operations must be from 1 to 1000000, not 0",
+        "pack.toml:28:1: limits.max_string_size must be from 1 to 1048576, not 100000000",
     ] {
         assert!(
             stdout.contains(expected),
             "missing `{expected}` in:\n{stdout}"
         );
     }
-    assert!(stdout.contains("7 problem(s)"), "{stdout}");
+    assert!(stdout.contains("9 problem(s)"), "{stdout}");
 }
 
 #[test]

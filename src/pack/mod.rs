@@ -28,6 +28,14 @@ use script::{Ctx, Hit, Names};
 /// The manifest's file name inside a pack folder.
 pub const MANIFEST: &str = "pack.toml";
 
+/// The most a pack's `[limits]` may allow: enough for any rule worth
+/// running on the payment path, and a bound on what one request's rules can
+/// take (time on a worker, its stack, memory).
+pub const MOST_OPERATIONS: u64 = 1_000_000;
+pub const MOST_CALL_DEPTH: u64 = 64;
+pub const MOST_STRING_SIZE: u64 = 1 << 20;
+pub const MOST_ARRAY_SIZE: u64 = 100_000;
+
 /// The code of the reason a failing rule leaves.
 pub const RULE_ERROR: &str = "RULE_ERROR";
 
@@ -643,6 +651,29 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
         below_amount: amount(&len.below_amount, "policy.leniency.below_amount", problems),
         demote: len.demote.clone(),
     });
+
+    // Limits: each bounded, never 0 (to Rhai, 0 means no limit at all).
+    let l = &manifest.limits;
+    for (name, value, most) in [
+        ("max_operations", l.max_operations, MOST_OPERATIONS),
+        ("max_call_depth", l.max_call_depth as u64, MOST_CALL_DEPTH),
+        (
+            "max_string_size",
+            l.max_string_size as u64,
+            MOST_STRING_SIZE,
+        ),
+        ("max_array_size", l.max_array_size as u64, MOST_ARRAY_SIZE),
+    ] {
+        if !(1..=most).contains(&value) {
+            let (l, c) = here(&format!("{name} ="));
+            problems.push(Problem::at(
+                mf,
+                l,
+                c,
+                format!("limits.{name} must be from 1 to {most}, not {value}"),
+            ));
+        }
+    }
 
     // Rules.
     let names = Names {
