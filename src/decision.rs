@@ -86,11 +86,23 @@ pub struct Leniency {
 
 impl Leniency {
     /// Whether it lets a request of `amount` with these enforcing hits
-    /// through: below its amount, and every hit one it demotes.
+    /// through: below its amount, and every hit that weighs (see
+    /// [`Reason::weighs`]) one it demotes. A rule that failed and was
+    /// skipped, or state that could not be reached under `open`, is a note
+    /// that weighs nothing: it does not take the leniency away.
     pub fn applies(&self, amount: i64, reasons: &[Reason]) -> bool {
+        let mut weighing = reasons.iter().filter(|r| r.weighs()).peekable();
         amount < self.below_amount
-            && !reasons.is_empty()
-            && reasons.iter().all(|r| self.demote.contains(&r.code))
+            && weighing.peek().is_some()
+            && weighing.all(|r| self.demote.contains(&r.code))
+    }
+}
+
+impl Reason {
+    /// Whether it can change a decision: an action above allow, or a score
+    /// toward the thresholds.
+    pub fn weighs(&self) -> bool {
+        self.action > Action::Allow || self.score != 0
     }
 }
 
@@ -113,7 +125,9 @@ pub fn combine(
     // Strongest first; ties keep rule order (the sort is stable).
     reasons.sort_by(|a, b| b.action.cmp(&a.action).then(b.score.cmp(&a.score)));
 
-    let score: i64 = reasons.iter().map(|r| r.score).sum();
+    // Saturating: a rule may give any score, and a sum that wrapped would
+    // turn a huge score negative, under every threshold.
+    let score = (reasons.iter()).fold(0i64, |sum, r| sum.saturating_add(r.score));
     let mut action = reasons.first().map_or(Action::Allow, |r| r.action);
     let mut challenge = String::new();
     let escalate = |threshold: Option<i64>| threshold.is_some_and(|t| score >= t);
@@ -270,5 +284,46 @@ mod tests {
             Arc::from("v"),
         );
         assert_eq!(big.action, Action::Challenge);
+        // A skipped rule error (allow, no score) does not take it away; a
+        // scored flag does.
+        let d = decide(
+            vec![
+                reason("LOC", Action::Challenge, 10),
+                reason("RULE_ERROR", Action::Allow, 0),
+            ],
+            &Policy::default(),
+            Some(&l),
+        );
+        assert_eq!(d.action, Action::Allow);
+        assert_eq!(d.shadow_reasons.len(), 2);
+        let d = decide(
+            vec![
+                reason("LOC", Action::Challenge, 10),
+                reason("FLAG", Action::Allow, 5),
+            ],
+            &Policy::default(),
+            Some(&l),
+        );
+        assert_eq!(d.action, Action::Challenge);
+        // Nothing but notes: nothing to be lenient about.
+        assert!(!l.applies(100, &[reason("RULE_ERROR", Action::Allow, 0)]));
+    }
+
+    #[test]
+    fn huge_scores_saturate_instead_of_wrapping() {
+        let policy = Policy {
+            block_score: Some(100),
+            ..Policy::default()
+        };
+        let d = decide(
+            vec![
+                reason("A", Action::Allow, i64::MAX),
+                reason("B", Action::Allow, 10),
+            ],
+            &policy,
+            None,
+        );
+        assert_eq!(d.score, i64::MAX);
+        assert_eq!(d.action, Action::Block);
     }
 }
