@@ -76,6 +76,8 @@ pub enum EngineError {
     State(#[from] StateError),
     #[error("request_id `{0}` is still being decided by another call; retry it")]
     InFlight(String),
+    #[error("event_id `{0}` was already used for another user's event")]
+    EventConflict(String),
     /// A second outcome that cannot be true with one reported before
     /// ([`OutcomeKind::contradicts`]).
     #[error("request_id `{request_id}` was already reported {earlier}, which contradicts {kind}")]
@@ -375,12 +377,16 @@ impl Engine {
     pub async fn record_login(&self, login: Login) -> Result<bool, EngineError> {
         let pack = self.pack();
         let location = login.ip.and_then(|ip| self.shared.geo.lookup(ip));
-        let event_key = || format!("\u{1e}event\u{1f}{}", login.event_id);
         let fp = fnv1a(&[login.user_id.as_bytes()]);
         match &self.shared.store {
             Store::Memory(m) => {
-                if !login.event_id.is_empty() && !m.claim(&event_key(), fp)?.fresh {
-                    return Ok(true);
+                if !login.event_id.is_empty() {
+                    let key = format!("\u{1e}event\u{1f}{}", login.event_id);
+                    let claim = m.claim(&key, fp);
+                    let claim = claim.map_err(|_| event_conflict(&login))?;
+                    if !claim.fresh {
+                        return Ok(true);
+                    }
                 }
                 m.record_login(&pack.plan, &login, location.as_deref());
             }
@@ -391,7 +397,7 @@ impl Engine {
                 {
                     Logged::Recorded => {}
                     Logged::Seen => return Ok(true),
-                    Logged::Conflict => return Err(Conflict(event_key()).into()),
+                    Logged::Conflict => return Err(event_conflict(&login)),
                 }
             }
         }
@@ -456,6 +462,10 @@ impl Engine {
         }
         Ok(false)
     }
+}
+
+fn event_conflict(login: &Login) -> EngineError {
+    EngineError::EventConflict(login.event_id.clone())
 }
 
 fn contradicts(outcome: &Outcome, earlier: OutcomeKind) -> EngineError {

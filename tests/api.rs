@@ -176,6 +176,18 @@ async fn events_and_outcomes_are_validated_too() {
         .await
         .unwrap_err();
     assert!(err.message().starts_with("ip"), "{err:?}");
+    // An event id reused for another user's event: named as the event id.
+    s.login(login("e4", "u1", true, BEIJING, 0)).await;
+    let err = s
+        .client
+        .record_event(login("e4", "u2", true, BEIJING, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "event_id `e4` was already used for another user's event"
+    );
 
     let outcome = |id: &str, user: &str, kind: OutcomeKind| pb::Outcome {
         request_id: id.into(),

@@ -221,6 +221,15 @@ async fn two_instances_agree_on_idempotency() {
     };
     let err = b.client.report_outcome(never).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    // An event id reused for another user's event, named as the event id.
+    a.login(login("e1", "u1", true, "192.0.2.10", 0)).await;
+    let err = b
+        .client
+        .record_event(login("e1", "u2", true, "192.0.2.10", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert!(err.message().starts_with("event_id `e1`"), "{err:?}");
 }
 
 #[tokio::test]

@@ -97,7 +97,9 @@ impl RiskEngine for Baseline {
 /// Engine errors as gRPC statuses.
 fn status(e: EngineError) -> Status {
     match e {
-        EngineError::Conflict(_) => Status::already_exists(e.to_string()),
+        EngineError::Conflict(_) | EngineError::EventConflict(_) => {
+            Status::already_exists(e.to_string())
+        }
         EngineError::UnknownRequest(_) => Status::not_found(e.to_string()),
         EngineError::UserMismatch { .. } => Status::invalid_argument(format!("user_id: {e}")),
         EngineError::State(_) => Status::unavailable(e.to_string()),

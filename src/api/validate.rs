@@ -27,6 +27,8 @@ pub const MAX_AMOUNT: i64 = 1_000_000_000;
 pub const MAX_PAST_MS: i64 = 30 * 86_400_000;
 /// How far in the future an event time may be (clock skew).
 pub const MAX_FUTURE_MS: i64 = 5 * 60_000;
+/// Longest address text accepted.
+pub const MAX_IP_LEN: usize = 64;
 
 fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {why}"))
@@ -69,10 +71,18 @@ fn has_control(value: &str) -> bool {
 }
 
 fn parse_ip(field: &str, text: &str) -> Result<(IpAddr, String), Status> {
+    // The longest address text is 45 bytes (IPv4-mapped IPv6); spaces
+    // around it are allowed for.
+    if text.len() > MAX_IP_LEN {
+        return Err(invalid(
+            field,
+            format_args!("is longer than {MAX_IP_LEN} bytes"),
+        ));
+    }
     let ip: IpAddr = text.trim().parse().map_err(|_| {
         invalid(
             field,
-            format_args!("`{text}` is not an IPv4 or IPv6 address"),
+            format_args!("`{}` is not an IPv4 or IPv6 address", text.escape_debug()),
         )
     })?;
     // IPv4-mapped IPv6 is the IPv4 address: one address, one key.
@@ -190,6 +200,14 @@ pub fn recharge(req: pb::EvaluateRequest, now: i64) -> Result<Recharge, Status> 
     if account.created_at_ms < 0 {
         return Err(invalid("account.created_at_ms", "must not be negative"));
     }
+    // Later than the request: most likely microseconds or nanoseconds, where
+    // milliseconds were meant, and every account would look brand new.
+    if account.created_at_ms > timestamp_ms + MAX_FUTURE_MS {
+        return Err(invalid(
+            "account.created_at_ms",
+            "is later than the request (Unix milliseconds are expected)",
+        ));
+    }
     let currency = if req.currency.is_empty() {
         "CNY".to_string()
     } else {
@@ -229,9 +247,21 @@ fn attributes(attrs: &std::collections::HashMap<String, String>) -> Result<(), S
     }
     for (k, v) in attrs {
         if k.is_empty() || k.len() > MAX_ATTRIBUTE_KEY_LEN {
+            // Not echoed whole: a key of any length may come here.
+            let shown: String = k.chars().take(MAX_ATTRIBUTE_KEY_LEN).collect();
             return Err(invalid(
                 "attributes",
-                format_args!("key `{k}` must be 1 to {MAX_ATTRIBUTE_KEY_LEN} bytes"),
+                format_args!(
+                    "key `{}`{} must be 1 to {MAX_ATTRIBUTE_KEY_LEN} bytes",
+                    shown.escape_debug(),
+                    if shown.len() < k.len() { "..." } else { "" }
+                ),
+            ));
+        }
+        if has_control(k) {
+            return Err(invalid(
+                "attributes",
+                format_args!("key `{}` contains control characters", k.escape_debug()),
             ));
         }
         bounded_as(|| format!("attributes[{k}]"), v, MAX_ATTRIBUTE_VALUE_LEN)?;
@@ -464,5 +494,53 @@ mod tests {
         req.attributes.insert("note".into(), "a\u{7}b".into());
         let e = recharge(req, 1).unwrap_err();
         assert_eq!(e.message(), "attributes[note]: contains control characters");
+    }
+
+    /// A refusal never echoes input of any length: clients cap the size of
+    /// a status message (grpc-java and C-core at 8 to 16 KB), and one that
+    /// is too long comes out as another error.
+    #[test]
+    fn refusals_stay_short_whatever_was_sent() {
+        let mut req = request();
+        req.ip = "1".repeat(100_000);
+        let e = recharge(req, 1).unwrap_err();
+        assert_eq!(e.message(), "ip: is longer than 64 bytes");
+        let mut req = request();
+        req.attributes.insert("k".repeat(100_000), "v".into());
+        let e = recharge(req, 1).unwrap_err();
+        assert!(
+            e.message().starts_with("attributes: key `kkk"),
+            "{}",
+            e.message()
+        );
+        assert!(e.message().len() < 200, "{}", e.message());
+        let mut req = request();
+        req.attributes.insert("a\nb".into(), "v".into());
+        let e = recharge(req, 1).unwrap_err();
+        assert_eq!(
+            e.message(),
+            "attributes: key `a\\nb` contains control characters"
+        );
+    }
+
+    #[test]
+    fn an_account_created_after_the_request_is_refused() {
+        let now = 1_767_225_600_000;
+        let created = |ms: i64| {
+            let mut req = request();
+            req.account = Some(pb::Account {
+                created_at_ms: ms,
+                ..Default::default()
+            });
+            recharge(req, now)
+        };
+        assert!(created(now - 86_400_000).is_ok());
+        // Microseconds where milliseconds were meant.
+        let e = created(now * 1000).unwrap_err();
+        assert!(
+            e.message().starts_with("account.created_at_ms: "),
+            "{}",
+            e.message()
+        );
     }
 }
