@@ -91,6 +91,11 @@ impl Profile {
     /// Remembers a located event as usual for the user.
     pub fn learn(&mut self, ts_ms: i64, loc: &Location) {
         if self.recent.len() >= RECENT {
+            // Full: the oldest goes, unless the newcomer (a late event)
+            // would itself be the oldest kept.
+            if self.recent.first().is_some_and(|(t, _)| ts_ms < *t) {
+                return;
+            }
             self.recent.remove(0);
         }
         let at = self.recent.partition_point(|(t, _)| *t <= ts_ms);
@@ -274,6 +279,26 @@ mod tests {
         assert!(p.view(3 * DAY, 30 * DAY, Some(&beijing)).usual_region);
         // Forty days on, the history has aged out.
         assert_eq!(p.view(40 * DAY, 30 * DAY, Some(&beijing)).located_events, 0);
+    }
+
+    /// A full history keeps its newest events: a late event older than all
+    /// of them is not learned in place of one.
+    #[test]
+    fn a_full_history_keeps_its_newest_events() {
+        let beijing = loc("Beijing", 39.9, 116.4);
+        let chengdu = loc("Sichuan", 30.7, 104.1);
+        let mut p = Profile::default();
+        for i in 0..RECENT as i64 {
+            p.learn(DAY + i * 1000, &beijing);
+        }
+        p.learn(0, &chengdu);
+        assert_eq!(p.events(), RECENT);
+        let v = p.view(2 * DAY, 30 * DAY, Some(&chengdu));
+        assert!(!v.usual_region, "the late Chengdu event took a newer one's place");
+        // A newer one takes the oldest's place.
+        p.learn(2 * DAY, &chengdu);
+        assert!(p.view(2 * DAY, 30 * DAY, Some(&chengdu)).usual_region);
+        assert_eq!(p.events(), RECENT);
     }
 
     #[test]
