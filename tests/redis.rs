@@ -503,6 +503,50 @@ async fn a_shared_device_counts_alike_in_redis_and_in_memory() {
     assert!(peak > 200, "the device reached {peak} users in an hour");
 }
 
+/// At the bound on a key's distinct values (4,096), both stores make room
+/// the same way: what left the span, then the least recently seen, and
+/// never the value being recorded, a late one included.
+#[tokio::test]
+async fn a_full_distinct_window_makes_room_alike_in_redis_and_in_memory() {
+    use riskgate::state::redis::{Opened, RedisConfig};
+    use riskgate::state::{memory::MemoryLimits, MemoryStore, RedisStore};
+    let Some(redis) = Redis::start() else { return };
+    let pack = riskgate::pack::Pack::load(&shipped_pack()).unwrap();
+    let plan = &pack.plan;
+    let shared = RedisStore::connect(RedisConfig {
+        url: redis.url(),
+        prefix: "bound".to_string(),
+        timeout_ms: 5_000,
+        idempotency_ttl_ms: 3_600_000,
+        inline_settle: true,
+    })
+    .await
+    .unwrap();
+    let memory = MemoryStore::new(MemoryLimits::default());
+    let t = t0();
+    // 4,096 users on one device within a few minutes, then more: on time,
+    // late (older than every value held), and on time again.
+    let users = (0..4_100u64).map(|u| (u, t + u as i64 * 50));
+    let late = [
+        (5_000, t - 10_000),
+        (5_001, t + 4_200 * 50),
+        (5_002, t - 5_000),
+    ];
+    for (step, (user, ts)) in users.chain(late).enumerate() {
+        let r = on_shared_device(user, ts);
+        let in_memory = memory.begin(plan, &r, None, true).windows;
+        let in_redis = match shared
+            .open(plan, &r, None, step as u64, true)
+            .await
+            .unwrap()
+        {
+            Opened::Decide { begun, .. } => begun.windows,
+            _ => panic!("step {step}: a new request id"),
+        };
+        assert_eq!(in_redis, in_memory, "step {step} (user {user}, ts {ts})");
+    }
+}
+
 /// Not a test: what one `touch.lua` call costs Redis (its own
 /// `INFO commandstats`, so client noise stays out), for BENCHMARKS.md.
 /// 4,000 recharges from `RISKGATE_USERS` users (default 4,096) on one shared

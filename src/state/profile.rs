@@ -294,7 +294,10 @@ mod tests {
         p.learn(0, &chengdu);
         assert_eq!(p.events(), RECENT);
         let v = p.view(2 * DAY, 30 * DAY, Some(&chengdu));
-        assert!(!v.usual_region, "the late Chengdu event took a newer one's place");
+        assert!(
+            !v.usual_region,
+            "the late Chengdu event took a newer one's place"
+        );
         // A newer one takes the oldest's place.
         p.learn(2 * DAY, &chengdu);
         assert!(p.view(2 * DAY, 30 * DAY, Some(&chengdu)).usual_region);

@@ -45,28 +45,28 @@ elseif mode ~= 'none' then
   end
 end
 
--- A distinct window: record (ZADD GT keeps the latest time), drop what left
--- the span (only when this read is the newest: not for a late event), hold
--- the bound, and count.
+-- A distinct window: hold the bound, record (ZADD GT keeps the latest
+-- time), drop what left the span (only when this read is the newest: not
+-- for a late event), and count.
 local function distinct(zkey, w, ttl)
   if w.op == 'r' then
+    -- A new value at the bound makes room first, as the memory store does:
+    -- what left the span as of this event, then the least recently seen
+    -- (never the value being recorded, however late it is).
+    if not redis.call('ZSCORE', zkey, w.delta) and redis.call('ZCARD', zkey) >= MAX_DISTINCT then
+      redis.call('ZREMRANGEBYSCORE', zkey, '-inf', '(' .. w.lo)
+      if redis.call('ZCARD', zkey) >= MAX_DISTINCT then redis.call('ZPOPMIN', zkey) end
+    end
     redis.call('ZADD', zkey, 'GT', w.hi, w.delta)
     redis.call('PEXPIRE', zkey, ttl)
   end
   local newest = redis.call('ZRANGE', zkey, -1, -1, 'WITHSCORES')[2]
-  local value, held = 0, 0
+  local value = 0
   if newest and tonumber(newest) <= w.hi then
     redis.call('ZREMRANGEBYSCORE', zkey, '-inf', '(' .. w.lo)
     value = redis.call('ZCARD', zkey)
-    held = value
   elseif newest then
     value = redis.call('ZCOUNT', zkey, w.lo, w.hi)
-    held = redis.call('ZCARD', zkey)
-  end
-  if w.op == 'r' and held > MAX_DISTINCT then
-    local oldest = redis.call('ZPOPMIN', zkey)
-    local t = tonumber(oldest[2])
-    if t >= w.lo and t <= w.hi then value = value - 1 end
   end
   if w.op == 'i' then
     local t = redis.call('ZSCORE', zkey, w.delta)
