@@ -72,6 +72,10 @@ file = "a.rhai"
 id = "a"
 file = "b.rhai"
 
+[[rules]]
+id = "c"
+file = "c.rhai"
+
 [limits]
 max_operations = 0
 max_string_size = 100000000
@@ -84,6 +88,11 @@ max_string_size = 100000000
     )
     .unwrap();
     std::fs::write(d.join("b.rhai"), "let x = ;\n").unwrap();
+    std::fs::write(
+        d.join("c.rhai"),
+        "if request.amount > 100 {\n  block(\"burst-freq\", \"x\")\n} else {\n  flag(\"ONLY_A_CODE\")\n}\n",
+    )
+    .unwrap();
     let out = Command::new(BIN).arg("check").arg(d).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
@@ -95,15 +104,17 @@ max_string_size = 100000000
         "a.rhai:1:11: unknown window `per_usr`",
         "a.rhai:2:3: unknown function `blok`",
         "b.rhai:1:9:",
-        "pack.toml:27:1: limits.max_operations must be from 1 to 1000000, not 0",
-        "pack.toml:28:1: limits.max_string_size must be from 1 to 1048576, not 100000000",
+        "pack.toml:31:1: limits.max_operations must be from 1 to 1000000, not 0",
+        "pack.toml:32:1: limits.max_string_size must be from 1 to 1048576, not 100000000",
+        "c.rhai:2:3: code `burst-freq` must be UPPER_SNAKE_CASE",
+        "c.rhai:4:3: `flag` takes a code and a message",
     ] {
         assert!(
             stdout.contains(expected),
             "missing `{expected}` in:\n{stdout}"
         );
     }
-    assert!(stdout.contains("9 problem(s)"), "{stdout}");
+    assert!(stdout.contains("11 problem(s)"), "{stdout}");
 }
 
 #[test]

@@ -405,7 +405,7 @@ fn rule_error(rule: &Rule, error: &str) -> Reason {
     }
 }
 
-fn is_code(code: &str) -> bool {
+pub(crate) fn is_code(code: &str) -> bool {
     code.starts_with(|c: char| c.is_ascii_uppercase())
         && code
             .chars()
@@ -747,6 +747,9 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
                         col,
                         format!("unknown function `{name}`"),
                     ));
+                }
+                for (why, line, col) in script::bad_hits(&ast) {
+                    problems.push(Problem::at(&def.file, line, col, why));
                 }
                 sources.push(inlined);
                 rules.push(Rule {

@@ -513,6 +513,49 @@ pub fn unknown_calls(
     out
 }
 
+/// The functions that make a hit: each takes a code and a message.
+const HIT_FUNCTIONS: [&str; 4] = ["block", "challenge", "flag", "notice"];
+
+/// Every call in `ast` to a hit function ([`HIT_FUNCTIONS`]) that cannot
+/// work, with its (line, column) and why: the wrong number of arguments,
+/// or a code written out that is not one (`block("burst-freq", ...)`). Rhai
+/// would only find these when the call runs, and a rule that fails is
+/// skipped by default: the rule would never fire.
+pub fn bad_hits(ast: &AST) -> Vec<(String, usize, usize)> {
+    use rhai::{ASTNode, Expr, Stmt};
+    let defined: std::collections::HashSet<&str> = ast.iter_functions().map(|f| f.name).collect();
+    let mut out = Vec::new();
+    ast.walk(&mut |path: &[ASTNode]| {
+        let (f, pos) = match path.last() {
+            Some(ASTNode::Expr(Expr::FnCall(f, pos))) | Some(ASTNode::Stmt(Stmt::FnCall(f, pos))) => {
+                (f, pos)
+            }
+            _ => return true,
+        };
+        let name = f.name.as_str();
+        if !HIT_FUNCTIONS.contains(&name) || defined.contains(name) {
+            return true;
+        }
+        let at = (pos.line().unwrap_or(0), pos.position().unwrap_or(0));
+        if f.args.len() != 2 {
+            let why = format!(
+                "`{name}` takes a code and a message, `{name}(\"CODE\", \"message\")`, not {} argument(s)",
+                f.args.len()
+            );
+            out.push((why, at.0, at.1));
+        } else if let Expr::StringConstant(code, _) = &f.args[0] {
+            if !super::is_code(code) {
+                let why = format!(
+                    "code `{code}` must be UPPER_SNAKE_CASE (letters, digits, underscores)"
+                );
+                out.push((why, at.0, at.1));
+            }
+        }
+        true
+    });
+    out
+}
+
 /// A name a script reads from `window`, `param` or `list`, with its position.
 #[derive(Debug, PartialEq)]
 pub struct NameUse {
