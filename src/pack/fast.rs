@@ -993,6 +993,9 @@ file = "block.txt"
             ("geo", "if geo.known { flag(\"GEO\", geo.region + geo.city) } else { () }", "soft = true"),
             ("exits", "if request.amount == 999 { exit(flag(\"EXIT\", \"e\")) } flag(\"NOEXIT\", \"n\")", ""),
             ("last", "if account.age_days < 7.0 { flag(\"NEW\", `${account.age_days}`) }", ""),
+            // Text that looks like a read, in a raw string and in a nested
+            // comment, is text: never rewritten, never checked.
+            ("raw", "/* /* */ window.typo */ if window.w >= 0 { flag(\"RAW\", #\"see \"window.w\" and param.label\"#) }", ""),
         ]);
         let verdicts = agree(&p);
         assert!(verdicts
@@ -1007,9 +1010,13 @@ file = "block.txt"
         assert!(verdicts
             .iter()
             .all(|v| v.reasons.iter().any(|r| r.code == "SHADOWED")));
+        assert!(verdicts.iter().all(|v| v
+            .reasons
+            .iter()
+            .any(|r| r.message == "see \"window.w\" and param.label")));
         // `shadowing` declares its own `profile`: it must run the original
         // way; `attr` and `exits` call what is not compiled.
-        assert_eq!(p.fast_coverage(), (6, 2, 1));
+        assert_eq!(p.fast_coverage(), (7, 2, 1));
     }
 
     /// A rule variable passed whole (to a function, into a `let`) is the

@@ -582,8 +582,11 @@ pub fn property_uses(source: &str, namespaces: &[&'static str]) -> Vec<NameUse> 
     enum St {
         Code,
         Str(char),
+        /// A raw string, `#"..."#`, with this many `#`s.
+        Raw(usize),
         Template,
         LineComment,
+        /// Rhai's block comments nest.
         BlockComment,
     }
     let chars: Vec<char> = source.chars().collect();
@@ -607,6 +610,10 @@ pub fn property_uses(source: &str, namespaces: &[&'static str]) -> Vec<NameUse> 
                     advance = 2;
                 } else if c == '"' || c == '\'' {
                     stack.push(St::Str(c));
+                } else if c == '#' && chars[i..].iter().find(|&&c| c != '#') == Some(&'"') {
+                    let hashes = chars[i..].iter().take_while(|&&c| c == '#').count();
+                    stack.push(St::Raw(hashes));
+                    advance = hashes + 1;
                 } else if c == '`' {
                     stack.push(St::Template);
                 } else if c == '{' {
@@ -676,9 +683,19 @@ pub fn property_uses(source: &str, namespaces: &[&'static str]) -> Vec<NameUse> 
                     stack.pop();
                 }
             }
+            St::Raw(hashes) => {
+                let closes = || (1..=hashes).all(|k| chars.get(i + k) == Some(&'#'));
+                if c == '"' && closes() {
+                    stack.pop();
+                    advance = hashes + 1;
+                }
+            }
             St::BlockComment => {
                 if c == '*' && next == Some('/') {
                     stack.pop();
+                    advance = 2;
+                } else if c == '/' && next == Some('*') {
+                    stack.push(St::BlockComment);
                     advance = 2;
                 }
             }
