@@ -105,7 +105,7 @@ max_string_size = 100000000
         "a.rhai:2:3: unknown function `blok`",
         "b.rhai:1:9:",
         "pack.toml:31:1: limits.max_operations must be from 1 to 1000000, not 0",
-        "pack.toml:32:1: limits.max_string_size must be from 1 to 1048576, not 100000000",
+        "pack.toml:32:1: limits.max_string_size must be from 256 to 1048576, not 100000000",
         "c.rhai:2:3: code `burst-freq` must be UPPER_SNAKE_CASE",
         "c.rhai:4:3: `flag` takes a code and a message",
     ] {

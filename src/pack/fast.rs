@@ -1019,6 +1019,31 @@ file = "block.txt"
         assert_eq!(p.fast_coverage(), (7, 2, 1));
     }
 
+    #[test]
+    fn a_string_parameter_longer_than_the_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &[("hit", "flag(\"X\", param.label)", "")]);
+        let manifest = std::fs::read_to_string(dir.path().join("pack.toml")).unwrap();
+        let manifest = manifest
+            .replace(
+                "max_operations = 2000",
+                "max_operations = 2000\nmax_string_size = 256",
+            )
+            .replace(
+                "\"a string parameter\"",
+                &format!("\"{}\"", "x".repeat(300)),
+            );
+        std::fs::write(dir.path().join("pack.toml"), manifest).unwrap();
+        let Err(e) = Pack::load(dir.path()) else {
+            panic!("a parameter longer than the limit loaded");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains("pack.toml:11:1: parameter `label` is longer than limits.max_string_size"),
+            "{e}"
+        );
+    }
+
     /// A rule variable passed whole (to a function, into a `let`) is the
     /// variable, not `()`: compiling must not fold the variables into
     /// constants of the placeholder it compiles against.

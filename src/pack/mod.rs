@@ -653,25 +653,55 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
     });
 
     // Limits: each bounded, never 0 (to Rhai, 0 means no limit at all).
+    // Strings hold at least the longest text a request brings in (an
+    // attribute value): Rhai checks what a getter hands it, the fast path
+    // reads in place, and the two must agree.
     let l = &manifest.limits;
-    for (name, value, most) in [
-        ("max_operations", l.max_operations, MOST_OPERATIONS),
-        ("max_call_depth", l.max_call_depth as u64, MOST_CALL_DEPTH),
+    let least_string = crate::api::validate::MAX_ATTRIBUTE_VALUE_LEN as u64;
+    for (name, value, least, most) in [
+        ("max_operations", l.max_operations, 1, MOST_OPERATIONS),
+        (
+            "max_call_depth",
+            l.max_call_depth as u64,
+            1,
+            MOST_CALL_DEPTH,
+        ),
         (
             "max_string_size",
             l.max_string_size as u64,
+            least_string,
             MOST_STRING_SIZE,
         ),
-        ("max_array_size", l.max_array_size as u64, MOST_ARRAY_SIZE),
+        (
+            "max_array_size",
+            l.max_array_size as u64,
+            1,
+            MOST_ARRAY_SIZE,
+        ),
     ] {
-        if !(1..=most).contains(&value) {
+        if !(least..=most).contains(&value) {
             let (l, c) = here(&format!("{name} ="));
             problems.push(Problem::at(
                 mf,
                 l,
                 c,
-                format!("limits.{name} must be from 1 to {most}, not {value}"),
+                format!("limits.{name} must be from {least} to {most}, not {value}"),
             ));
+        }
+    }
+    // A string parameter longer than the limit would fail every rule that
+    // reads it (and on the fast path, not fail): refused here instead.
+    for (name, value) in &manifest.params {
+        if let toml::Value::String(text) = value {
+            if text.len() > l.max_string_size {
+                let (l, c) = here(&format!("{name} ="));
+                problems.push(Problem::at(
+                    mf,
+                    l,
+                    c,
+                    format!("parameter `{name}` is longer than limits.max_string_size"),
+                ));
+            }
         }
     }
 
