@@ -62,9 +62,9 @@ for n in $WARM_CORES; do
         [ "$mode" = baseline ] && flag=(--baseline)
         start "0-$((n - 1))" "${flag[@]}"
         taskset -c "$CLIENT_CPUS" "$BIN" loadgen --addr "127.0.0.1:$PORT" --duration "${SECS}s" \
-            --users 100000 --seed 2 --connections "$CONNS" --streams "$STREAMS" >/dev/null 2>&1
+            --users 100000 --population warm --seed 2 --connections "$CONNS" --streams "$STREAMS" >/dev/null 2>&1
         taskset -c "$CLIENT_CPUS" "$BIN" loadgen --addr "127.0.0.1:$PORT" --duration "${SECS}s" \
-            --warmup 1s --users 100000 --seed 3 --connections "$CONNS" --streams "$STREAMS" \
+            --warmup 1s --users 100000 --population warm --seed 3 --connections "$CONNS" --streams "$STREAMS" \
             --json-out "$OUT/warm-$mode-$n.json" >/dev/null 2>"$OUT/warm-$mode-$n.txt"
         stop
     done

@@ -84,6 +84,12 @@ pub struct Args {
     /// and orders (ids are fresh each run, so runs against one server do not mix).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub seed: u64,
+    /// Name of the user population (users, their devices and game accounts):
+    /// runs with the same name send as the same users, so a first run can warm a
+    /// store that a second one measures. Default: a fresh population each run.
+    /// Up to 16 letters, digits, '-' or '_'; request ids stay fresh either way.
+    #[arg(long, value_name = "NAME")]
+    pub population: Option<String>,
     /// HTTP/2 connections to open (open loop: spread over one sender thread per core).
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub connections: usize,
@@ -152,6 +158,9 @@ pub struct Report {
     /// Closed loop: workers per connection; 0 in open loop.
     pub streams: usize,
     pub seed: u64,
+    /// `--population`: null when the run drew a fresh one.
+    #[serde(default)]
+    pub population: Option<String>,
     /// Measured requests, answered or failed.
     pub requests: u64,
     pub errors: u64,
@@ -292,7 +301,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-const MAX_US: u64 = 60_000_000;
+/// Measured time when neither --duration nor --requests is given.
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+/// The lowest open-loop rate (one request in 1,000 s): a schedule's send
+/// times stay far inside what a `Duration` holds.
+const MIN_RATE: f64 = 0.001;
+
+/// The longest latency recorded (an hour); a longer one counts as this. An
+/// overloaded open loop's latency, timed from the intended send, grows with
+/// the run's length, so the bound is far above any run's.
+const MAX_US: u64 = 3_600_000_000;
 const LATE: Duration = Duration::from_millis(1);
 /// The resolution of tokio's timer.
 const TICK: Duration = Duration::from_millis(1);
@@ -331,7 +349,7 @@ impl Plan {
     fn new(args: &Args, stop: Arc<AtomicBool>, shards: usize) -> Plan {
         let duration = args
             .duration
-            .or(args.requests.is_none().then_some(Duration::from_secs(10)));
+            .or(args.requests.is_none().then_some(DEFAULT_DURATION));
         let rate = args.rate.unwrap_or(0.0);
         let warmup_index = (args.warmup.as_secs_f64() * rate).ceil() as u64;
         let measured = duration.map_or(u64::MAX, |d| (d.as_secs_f64() * rate).round() as u64);
@@ -385,8 +403,25 @@ async fn run_until(args: &Args, stop: Arc<AtomicBool>) -> Result<Report, Loadgen
     if args.requests == Some(0) || args.duration == Some(Duration::ZERO) || args.timeout.is_zero() {
         return bad("--requests, --duration and --timeout must be more than 0");
     }
-    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-        return bad("--rate must be a number of requests per second above 0");
+    if let Some(rate) = args.rate {
+        if !(rate.is_finite() && rate >= MIN_RATE) {
+            return bad("--rate must be a number of requests per second, at least 0.001");
+        }
+        let duration = args
+            .duration
+            .or(args.requests.is_none().then_some(DEFAULT_DURATION));
+        if duration.is_some_and(|d| (d.as_secs_f64() * rate).round() < 1.0) {
+            return bad("--rate over --duration measures no request: raise one of them");
+        }
+    }
+    if let Some(name) = &args.population {
+        let fits = (1..=16).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !fits {
+            return bad("--population must be 1 to 16 letters, digits, '-' or '_'");
+        }
     }
     let (addr, endpoint) = endpoint(&args.addr, args.timeout)?;
     let run_id = format!(
@@ -1030,6 +1065,7 @@ impl Tally {
             connections: args.connections,
             streams: if args.rate.is_some() { 0 } else { args.streams },
             seed: args.seed,
+            population: args.population.clone(),
             requests: self.requests,
             errors: errors_by_code.values().sum(),
             errors_by_code,
@@ -1069,7 +1105,8 @@ struct Shard {
     buckets: Box<[AtomicU64]>,
 }
 
-const BUCKETS: usize = 200;
+/// Enough for [`MAX_US`] (below 2^32).
+const BUCKETS: usize = 240;
 
 fn bucket(us: u64) -> usize {
     if us < 16 {
@@ -1280,7 +1317,8 @@ const SHANGHAI: City = ("192.0.2", 128, 254);
 const GUANGZHOU: City = ("198.51.100", 1, 127);
 const CHENGDU: City = ("198.51.100", 192, 254);
 const HARBIN: City = ("203.0.113", 1, 127);
-const URUMQI: City = ("203.0.113", 128, 254);
+/// Up to .249: 203.0.113.250 is on the shipped IP blocklist.
+const URUMQI: City = ("203.0.113", 128, 249);
 /// Pairs over 1,500 km apart that travellers alternate between.
 const TRIPS: [(City, City); 4] = [
     (URUMQI, BEIJING),
@@ -1309,9 +1347,10 @@ struct Traffic {
     rng: Rng,
     kinds: Vec<(u64, Kind)>,
     users: u64,
-    /// Ends every user, device and game account id: each run is a fresh
-    /// population, so a second run against the same server is not judged by
-    /// the windows of the first (and sees the same mix).
+    /// Ends every user, device and game account id: by default the run's
+    /// own id, so a second run against the same server is not judged by the
+    /// windows of the first (and sees the same mix); `--population` names a
+    /// population that runs share (a warm store).
     run: String,
     prefix: String,
     seq: u64,
@@ -1343,7 +1382,7 @@ impl Traffic {
             rng,
             kinds: kinds.collect(),
             users: args.users,
-            run: run_id.to_string(),
+            run: args.population.as_deref().unwrap_or(run_id).to_string(),
             prefix: format!("lg-{run_id}-{worker}"),
             seq: 0,
             dry_run: args.dry_run,

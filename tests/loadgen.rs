@@ -22,6 +22,16 @@ fn args(addr: &str, flags: &[&str]) -> Args {
 
 /// Serves the shipped pack and demo geo data until the sender is dropped.
 async fn start() -> (String, tokio::sync::oneshot::Sender<()>) {
+    let (addr, stop, _) = start_engine().await;
+    (addr, stop)
+}
+
+/// [`start`], with the engine, to look at its state.
+async fn start_engine() -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    riskgate::engine::Engine,
+) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let config = riskgate::config::Config {
         rules: root.join("rules"),
@@ -34,10 +44,10 @@ async fn start() -> (String, tokio::sync::oneshot::Sender<()>) {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(riskgate::api::serve(engine, listener, async {
+    tokio::spawn(riskgate::api::serve(engine.clone(), listener, async {
         let _ = stopped.await;
     }));
-    (addr.to_string(), stop)
+    (addr.to_string(), stop, engine)
 }
 
 #[track_caller]
@@ -173,6 +183,22 @@ async fn bad_input_is_an_error_not_a_panic() {
             "every traffic share is 0",
         ),
         ("127.0.0.1:1", &["--rate", "0"], "--rate"),
+        (
+            "127.0.0.1:1",
+            &["--rate", "1e-20", "--requests", "2"],
+            "--rate",
+        ),
+        (
+            "127.0.0.1:1",
+            &["--rate", "100", "--duration", "1ms"],
+            "measures no request",
+        ),
+        ("127.0.0.1:1", &["--population", "a b"], "--population"),
+        (
+            "127.0.0.1:1",
+            &["--population", "seventeen-chars-x"],
+            "--population",
+        ),
     ] {
         let err = loadgen::run(&args(addr, flags))
             .await
@@ -181,4 +207,34 @@ async fn bad_input_is_an_error_not_a_panic() {
         assert!(err.contains(want), "{addr} {flags:?}: {err}");
     }
     assert!(Cli::try_parse_from(["loadgen", "--duration", "ten"]).is_err());
+}
+
+/// `--population` names the users: a second run with the same name sends as
+/// the users of the first (the store knows them: a warm-store benchmark
+/// measures what it says), and a run without it draws new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_population_is_the_same_users_run_after_run() {
+    let (addr, _stop, engine) = start_engine().await;
+    let users = || engine.store().stats().profiles;
+    let flags = ["--users", "200", "--requests", "600", "--connections", "1"];
+    let named: Vec<&str> = flags
+        .iter()
+        .copied()
+        .chain(["--population", "warm"])
+        .collect();
+    let mut added = Vec::new();
+    for run in [&named[..], &named[..], &flags[..]] {
+        let before = users();
+        let report = loadgen::run(&args(&addr, run)).await.expect("run");
+        assert_eq!(report.errors, 0, "{report:#?}");
+        let named = run.contains(&"--population");
+        assert_eq!(report.population.as_deref(), named.then_some("warm"));
+        added.push(users() - before);
+    }
+    let [first, again, fresh] = added[..] else {
+        unreachable!()
+    };
+    assert!(first >= 100, "600 orders over 200 users: {added:?}");
+    assert!(again * 10 <= first, "the same users again: {added:?}");
+    assert!(fresh * 2 >= first, "new users: {added:?}");
 }
