@@ -106,8 +106,18 @@ pub enum ConfigError {
     },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("config: {field} `{value}` is not a duration like 30s, 10m, 24h")]
+    #[error("config: {field} `{value}` is not a duration from 1ms to 3650d, like 30s, 10m, 24h (a bare number is seconds)")]
     Duration { field: &'static str, value: String },
+    #[error("config: {field} `{value}` is too short: at least {min}")]
+    TooShort {
+        field: &'static str,
+        value: String,
+        min: &'static str,
+    },
+    #[error("config: admin_token is empty: give it a value, or leave it unset")]
+    EmptyAdminToken,
+    #[error("config: decision_log_keep must be at least 1 (rotated files kept)")]
+    NoLogKept,
     #[error("config: admin_listen {0} is not a loopback address: set admin_token to expose it")]
     OpenAdmin(SocketAddr),
     #[error("config: state `{0}` is neither `memory` nor a redis://host:port/db URL")]
@@ -146,16 +156,34 @@ impl Config {
         })
     }
 
+    /// Checks every setting at once, before anything starts: a typo in the
+    /// knob of a feature that is off is still found, and nothing (a snapshot
+    /// moved aside, a port bound) happens before a bad setting is refused.
+    pub fn check(&self) -> Result<StateBackend, ConfigError> {
+        self.check_admin()?;
+        self.memory_limits()?;
+        self.state_timeout_ms()?;
+        self.sweep_interval_ms()?;
+        self.watch_interval_ms()?;
+        self.snapshot_interval_ms()?;
+        if self.decision_log_keep == 0 {
+            return Err(ConfigError::NoLogKept);
+        }
+        self.state_backend()
+    }
+
+    /// At least a second: every sweep walks every key.
     pub fn sweep_interval_ms(&self) -> Result<i64, ConfigError> {
-        duration("sweep_interval", &self.sweep_interval)
+        interval("sweep_interval", &self.sweep_interval, (1_000, "1s"))
     }
 
     pub fn state_timeout_ms(&self) -> Result<i64, ConfigError> {
         duration("state_timeout", &self.state_timeout)
     }
 
+    /// At least a second: every snapshot writes the whole store.
     pub fn snapshot_interval_ms(&self) -> Result<i64, ConfigError> {
-        duration("snapshot_interval", &self.snapshot_interval)
+        interval("snapshot_interval", &self.snapshot_interval, (1_000, "1s"))
     }
 
     /// The state backend, checked against the rest of the config.
@@ -178,12 +206,22 @@ impl Config {
         Ok(backend)
     }
 
+    /// At least 100 ms: every look reads the pack folder.
     pub fn watch_interval_ms(&self) -> Result<i64, ConfigError> {
-        duration("watch_interval", &self.watch_interval)
+        interval("watch_interval", &self.watch_interval, (100, "100ms"))
     }
 
-    /// Refuses an admin service on a public interface without a token.
+    /// Refuses an admin service on a public interface without a token, and
+    /// an empty token anywhere (an unset variable in `--admin-token "$T"`):
+    /// it would pass for a token, and match an empty bearer.
     pub fn check_admin(&self) -> Result<(), ConfigError> {
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(ConfigError::EmptyAdminToken);
+        }
         match self.admin_listen {
             Some(addr) if !addr.ip().is_loopback() && self.admin_token.is_none() => {
                 Err(ConfigError::OpenAdmin(addr))
@@ -201,6 +239,22 @@ impl Config {
                 keep: self.decision_log_keep,
                 queue: self.decision_log_queue,
             })
+    }
+}
+
+/// A duration of at least `min` (ms, and as written in the error).
+fn interval(
+    field: &'static str,
+    value: &str,
+    (min_ms, min): (i64, &'static str),
+) -> Result<i64, ConfigError> {
+    match duration(field, value)? {
+        ms if ms < min_ms => Err(ConfigError::TooShort {
+            field,
+            value: value.to_string(),
+            min,
+        }),
+        ms => Ok(ms),
     }
 }
 
@@ -268,5 +322,41 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("idempotency_ttl"));
+    }
+
+    /// Everything is checked at once, before the start does anything: a
+    /// bad knob of a feature that is off too.
+    #[test]
+    fn check_refuses_any_bad_setting_up_front() {
+        let c = |text: &str| toml::from_str::<Config>(text).unwrap();
+        assert_eq!(c("").check().unwrap(), StateBackend::Memory);
+        for (text, field) in [
+            (
+                "watch_rules = false\nwatch_interval = \"soon\"",
+                "watch_interval",
+            ),
+            ("snapshot_interval = \"60x\"", "snapshot_interval"),
+            ("state_timeout = \"0ms\"", "state_timeout"),
+            ("idempotency_ttl = \"9223372036854775s\"", "idempotency_ttl"),
+            ("sweep_interval = \"1ms\"", "sweep_interval"),
+            ("snapshot_interval = \"500ms\"", "snapshot_interval"),
+            ("watch_interval = \"10ms\"", "watch_interval"),
+            ("admin_token = \"\"", "admin_token"),
+            ("admin_token = \"  \"", "admin_token"),
+            ("decision_log_keep = 0", "decision_log_keep"),
+        ] {
+            let err = c(text).check().unwrap_err().to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+        let short = c("sweep_interval = \"1ms\"").check().unwrap_err();
+        assert!(short.to_string().contains("at least 1s"), "{short}");
+        assert!(c("sweep_interval = \"1s\"\nwatch_interval = \"100ms\"")
+            .check()
+            .is_ok());
+        // A token on loopback is fine; none off loopback is not.
+        assert!(c("admin_listen = \"127.0.0.1:9\"\nadmin_token = \"t\"")
+            .check()
+            .is_ok());
+        assert!(c("admin_listen = \"0.0.0.0:9\"").check().is_err());
     }
 }

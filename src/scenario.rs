@@ -319,7 +319,7 @@ async fn run_step(
     }
     for rep in 1..=step.repeat {
         if rep > 1 {
-            *now += every;
+            *now = now.saturating_add(every);
         }
         let suffix = (step.repeat > 1).then(|| format!("-{rep}"));
         outcome.steps += 1;
@@ -459,7 +459,7 @@ fn request(
     let id = format!("{}{sfx}", pick!(id).unwrap_or_else(|| format!("step{n}")));
     let user = vary("user_id", pick!(user_id).unwrap_or_else(|| "u1".into()));
     let amount = pick!(amount)
-        .or_else(|| pick!(yuan).map(|y| y * 100))
+        .or_else(|| pick!(yuan).map(|y| y.saturating_mul(100)))
         .unwrap_or(3000);
     let status = match pick!(status).as_deref().unwrap_or("active") {
         "active" => pb::AccountStatus::Active,

@@ -43,6 +43,8 @@ pub enum StartError {
     State(#[from] StateError),
     #[error("cannot start a housekeeping thread: {0}")]
     Housekeeping(std::io::Error),
+    #[error("cannot move the refused snapshot aside to {}: {source}; it stays where it is, and the server does not start", to.display())]
+    MoveAside { to: PathBuf, source: std::io::Error },
 }
 
 /// A bad snapshot's error says what to do about it.
@@ -65,8 +67,7 @@ pub fn open_geo(path: Option<&Path>) -> Result<GeoDb, GeoError> {
 
 /// Builds the engine a config describes.
 pub async fn build(config: &Config) -> Result<Engine, StartError> {
-    config.check_admin()?;
-    let backend = config.state_backend()?;
+    let backend = config.check()?;
     let pack = Pack::load(&config.rules)?;
     let geo = open_geo(config.geo.as_deref())?;
     let store = match backend {
@@ -127,11 +128,15 @@ pub fn open_memory(config: &Config) -> Result<Arc<MemoryStore>, StartError> {
             let mut aside = path.as_os_str().to_os_string();
             aside.push(".bad");
             let aside = PathBuf::from(aside);
-            let moved = std::fs::rename(path, &aside);
+            // The refused file is kept: if it cannot be moved aside, the
+            // empty snapshot written below would replace it, so no start.
+            std::fs::rename(path, &aside).map_err(|source| StartError::MoveAside {
+                to: aside.clone(),
+                source,
+            })?;
             tracing::warn!(
                 error = %e,
                 moved_to = %aside.display(),
-                moved = moved.is_ok(),
                 "SNAPSHOT DISCARDED (--discard-bad-snapshot): starting with EMPTY windows, \
                  profiles and idempotency records"
             );
@@ -201,6 +206,9 @@ pub fn spawn_sweeper(
     let engine = engine.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
+        // A sweep that ran long (it runs at the lowest priority, so on a
+        // busy machine it does) is not followed by the missed ones at once.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tick.tick().await;
@@ -218,6 +226,11 @@ pub fn spawn_sweeper(
 
 /// Runs the server until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    // SIGHUP's default action ends the process: take it over before the
+    // start, which can take seconds (a large snapshot). One sent meanwhile
+    // is dropped; the start loads the pack as it is anyway.
+    #[cfg(unix)]
+    let early_hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let engine = build(&config).await?;
     let listen = |addr| async move {
         crate::api::bind(addr)
@@ -240,7 +253,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         background.push(reloader.spawn_watch(every));
     }
     #[cfg(unix)]
-    background.extend(reloader.spawn_sighup());
+    {
+        background.extend(reloader.spawn_sighup());
+        drop(early_hup);
+    }
     // The in-memory store's snapshot: every interval, and once more at the end.
     let snapshots = match (engine.store(), &config.snapshot) {
         (Store::Memory(m), Some(path)) => Some((m.clone(), path.clone())),

@@ -249,7 +249,13 @@ pub enum Mode {
     Shadow,
 }
 
-/// Parses "90s", "10m", "24h", "30d" (or plain seconds) into milliseconds.
+/// The longest span or interval: ten years. Far beyond any window or TTL,
+/// and far enough below `i64::MAX` milliseconds that a time plus a span
+/// never overflows.
+pub const MAX_SPAN_MS: i64 = 3_650 * 86_400_000;
+
+/// Parses "90s", "10m", "24h", "30d" (or plain seconds) into milliseconds,
+/// from 1 ms to [`MAX_SPAN_MS`].
 pub fn parse_span(text: &str) -> Option<i64> {
     let text = text.trim();
     let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
@@ -265,7 +271,8 @@ pub fn parse_span(text: &str) -> Option<i64> {
         "d" => 86_400_000,
         _ => return None,
     };
-    n.checked_mul(unit_ms).filter(|ms| *ms > 0)
+    n.checked_mul(unit_ms)
+        .filter(|ms| (1..=MAX_SPAN_MS).contains(ms))
 }
 
 #[cfg(test)]
@@ -278,6 +285,9 @@ mod tests {
         assert_eq!(parse_span("30d"), Some(30 * 86_400_000));
         assert_eq!(parse_span("45"), Some(45_000));
         assert_eq!(parse_span("0s"), None);
+        assert_eq!(parse_span("3650d"), Some(MAX_SPAN_MS));
+        assert_eq!(parse_span("3651d"), None);
+        assert_eq!(parse_span("9223372036854775s"), None);
         assert_eq!(parse_span("10 parsecs"), None);
         assert_eq!(parse_span(""), None);
     }
