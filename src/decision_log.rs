@@ -245,12 +245,17 @@ fn rotate(config: &LogConfig) -> std::io::Result<File> {
 }
 
 /// Reads a log file, skipping (and counting) lines that do not parse.
+///
+/// Bytes, line by line, not the file as one string: the writer flushes in
+/// blocks, so a crash can leave the last line cut inside a multi-byte
+/// character, and that one line, not the whole file, is then unreadable.
 pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
-    let text = std::fs::read_to_string(path)?;
+    let bytes = std::fs::read(path)?;
     let mut records = Vec::new();
     let mut bad = 0;
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        match serde_json::from_str(line) {
+    let lines = bytes.split(|&b| b == b'\n');
+    for line in lines.filter(|l| !l.trim_ascii().is_empty()) {
+        match serde_json::from_slice(line) {
             Ok(r) => records.push(r),
             Err(_) => bad += 1,
         }
@@ -271,6 +276,33 @@ mod tests {
             device_id: String::new(),
             timestamp_ms: n as i64,
         })
+    }
+
+    /// A crash can cut the last line inside a multi-byte character: that
+    /// line is unreadable, the rest of the file is read.
+    #[test]
+    fn a_line_cut_inside_a_character_costs_only_that_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.jsonl");
+        let mut bytes = Vec::new();
+        for n in 0..2 {
+            bytes.extend(serde_json::to_vec(&login(n)).unwrap());
+            bytes.push(b'\n');
+        }
+        let mut cut = serde_json::to_vec(&Record::Login(LoginRecord {
+            user_id: "用户".into(),
+            ..match login(2) {
+                Record::Login(l) => l,
+                _ => unreachable!(),
+            }
+        }))
+        .unwrap();
+        let at = cut.windows(3).position(|w| w == "用".as_bytes()).unwrap();
+        cut.truncate(at + 1);
+        bytes.extend(cut);
+        std::fs::write(&path, bytes).unwrap();
+        let (records, bad) = read(&path).unwrap();
+        assert_eq!((records.len(), bad), (2, 1));
     }
 
     #[test]

@@ -57,6 +57,15 @@ pub struct Summary {
     pub outcomes: usize,
     /// Dry runs in the log: they recorded nothing, so they are not replayed.
     pub dry_runs: usize,
+    /// Evaluations left out of the comparison: the candidate or the
+    /// baseline pack refused them (a request that no longer validates, an
+    /// id reused with other content), so no side counts them.
+    pub skipped: usize,
+    /// The first skipped requests (up to `--show`): id and why.
+    pub first_skips: Vec<String>,
+    /// Logins and outcomes a replaying engine refused (an outcome of a
+    /// skipped request, say): the windows they feed miss them.
+    pub events_refused: usize,
     pub baseline: Side,
     pub candidate: Side,
     /// "allow -> block": how many requests went from one action to the other.
@@ -121,6 +130,9 @@ pub async fn run(options: &Options, geo: &GeoDb) -> Result<Summary, ReplayError>
         logins: 0,
         outcomes: 0,
         dry_runs: 0,
+        skipped: 0,
+        first_skips: Vec::new(),
+        events_refused: 0,
         baseline: Side::new(match &options.baseline {
             Some(dir) => format!("pack {}", dir.display()),
             None => "log".to_string(),
@@ -138,36 +150,49 @@ pub async fn run(options: &Options, geo: &GeoDb) -> Result<Summary, ReplayError>
             Record::Evaluate(e) if e.request.dry_run => summary.dry_runs += 1,
             Record::Evaluate(e) => {
                 summary.evaluations += 1;
-                let Some(now) = decide(&candidate, &e.request).await else {
-                    continue;
-                };
+                // Both sides see every request, whatever the other made of it.
+                let now = decide(&candidate, &e.request).await;
                 let before = match &baseline {
-                    Some(b) => match decide(b, &e.request).await {
-                        Some(d) => d,
-                        None => continue,
-                    },
-                    None => Arc::new(e.decision.clone()),
+                    Some(b) => decide(b, &e.request).await,
+                    None => Ok(Arc::new(e.decision.clone())),
                 };
-                summary.compare(&e.request, &before, &now, options.show);
+                match (before, now) {
+                    (Ok(before), Ok(now)) => {
+                        summary.compare(&e.request, &before, &now, options.show)
+                    }
+                    (before, now) => {
+                        let (side, why) = match (before, now) {
+                            (_, Err(why)) => ("candidate", why),
+                            (Err(why), _) => ("baseline", why),
+                            _ => unreachable!("both decided"),
+                        };
+                        summary.skip(&e.request.request_id, side, why, options.show);
+                    }
+                }
             }
             Record::Login(l) => {
                 summary.logins += 1;
+                let mut refused = false;
                 for engine in &engines {
-                    login(engine, &l).await;
+                    refused |= !login(engine, &l).await;
                 }
+                summary.events_refused += usize::from(refused);
             }
             Record::Outcome(o) => {
                 summary.outcomes += 1;
+                let mut refused = false;
                 for engine in &engines {
-                    outcome(engine, &o).await;
+                    refused |= !outcome(engine, &o).await;
                 }
+                summary.events_refused += usize::from(refused);
             }
         }
     }
     Ok(summary)
 }
 
-async fn decide(engine: &Engine, r: &decision_log::LoggedRequest) -> Option<Arc<Decision>> {
+/// The engine's decision, or why it refused the request.
+async fn decide(engine: &Engine, r: &decision_log::LoggedRequest) -> Result<Arc<Decision>, String> {
     let status = match r.account_status.as_str() {
         "active" => pb::AccountStatus::Active,
         "frozen" => pb::AccountStatus::Frozen,
@@ -200,11 +225,17 @@ async fn decide(engine: &Engine, r: &decision_log::LoggedRequest) -> Option<Arc<
             .collect(),
         dry_run: false,
     };
-    let recharge = validate::recharge(req, r.timestamp_ms).ok()?;
-    engine.evaluate(recharge).await.ok().map(|e| e.decision)
+    let recharge = validate::recharge(req, r.timestamp_ms)
+        .map_err(|status| format!("invalid request: {}", status.message()))?;
+    engine
+        .evaluate(recharge)
+        .await
+        .map(|e| e.decision)
+        .map_err(|e| e.to_string())
 }
 
-async fn login(engine: &Engine, l: &decision_log::LoginRecord) {
+/// Whether the engine took the login.
+async fn login(engine: &Engine, l: &decision_log::LoginRecord) -> bool {
     let ev = pb::Event {
         event_id: l.event_id.clone(),
         user_id: l.user_id.clone(),
@@ -218,19 +249,21 @@ async fn login(engine: &Engine, l: &decision_log::LoginRecord) {
         timestamp_ms: l.timestamp_ms,
         attributes: Default::default(),
     };
-    if let Ok(login) = validate::login(ev, l.timestamp_ms) {
-        let _ = engine.record_login(login).await;
+    match validate::login(ev, l.timestamp_ms) {
+        Ok(login) => engine.record_login(login).await.is_ok(),
+        Err(_) => false,
     }
 }
 
-async fn outcome(engine: &Engine, o: &decision_log::OutcomeRecord) {
+/// Whether the engine took the outcome.
+async fn outcome(engine: &Engine, o: &decision_log::OutcomeRecord) -> bool {
     let kind = match o.outcome.as_str() {
         "succeeded" => pb::OutcomeKind::Succeeded,
         "failed" => pb::OutcomeKind::Failed,
         "chargeback" => pb::OutcomeKind::Chargeback,
         "challenge_passed" => pb::OutcomeKind::ChallengePassed,
         "challenge_failed" => pb::OutcomeKind::ChallengeFailed,
-        _ => return,
+        _ => return false,
     };
     let msg = pb::Outcome {
         request_id: o.request_id.clone(),
@@ -238,9 +271,10 @@ async fn outcome(engine: &Engine, o: &decision_log::OutcomeRecord) {
         kind: kind as i32,
         timestamp_ms: o.timestamp_ms,
     };
-    if let Ok(outcome) = validate::outcome(msg, o.timestamp_ms) {
-        // A request the candidate never saw (e.g. refused) has no outcome.
-        let _ = engine.report_outcome(outcome).await;
+    // A request the engine never saw (it refused it) has no outcome.
+    match validate::outcome(msg, o.timestamp_ms) {
+        Ok(outcome) => engine.report_outcome(outcome).await.is_ok(),
+        Err(_) => false,
     }
 }
 
@@ -304,6 +338,14 @@ impl Summary {
         }
     }
 
+    fn skip(&mut self, request_id: &str, side: &str, why: String, show: usize) {
+        self.skipped += 1;
+        if self.first_skips.len() < show {
+            self.first_skips
+                .push(format!("{request_id}: the {side} refused it: {why}"));
+        }
+    }
+
     /// The human-readable report.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -313,6 +355,16 @@ impl Summary {
             "replayed {} records: {} evaluations, {} logins, {} outcomes ({} dry runs skipped, {} unreadable lines)",
             self.records, self.evaluations, self.logins, self.outcomes, self.dry_runs, self.unreadable_lines
         );
+        if self.skipped > 0 || self.events_refused > 0 {
+            let _ = writeln!(
+                w,
+                "not compared: {} evaluation(s) a pack refused; {} login(s) and outcome(s) refused",
+                self.skipped, self.events_refused
+            );
+            for skip in &self.first_skips {
+                let _ = writeln!(w, "  {skip}");
+            }
+        }
         let _ = writeln!(
             w,
             "baseline:  {} ({})",

@@ -170,6 +170,51 @@ async fn replay_counts_the_transitions_of_a_changed_threshold_and_is_determinist
     .await
     .unwrap();
     assert_eq!(same.changed, 0, "{}", same.render());
+    assert_eq!((same.skipped, same.events_refused), (0, 0));
+}
+
+/// A logged request that a pack refuses (here its id comes again with
+/// another amount) is counted and named, and the baseline pack still sees
+/// it: before, it vanished from both sides and the counts stopped adding up.
+#[tokio::test]
+async fn replay_counts_and_names_the_requests_a_pack_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decisions.jsonl");
+    record_traffic(&path).await;
+    let (records, _) = decision_log::read(&path).unwrap();
+    let mut again = records
+        .iter()
+        .find_map(|r| match r {
+            Record::Evaluate(e) if !e.request.dry_run => Some(e.clone()),
+            _ => None,
+        })
+        .unwrap();
+    again.request.amount += 100;
+    again.request.timestamp_ms += 1;
+    let id = again.request.request_id.clone();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&serde_json::to_string(&Record::Evaluate(again)).unwrap());
+    text.push('\n');
+    std::fs::write(&path, text).unwrap();
+
+    let geo = riskgate::server::open_geo(Some(&shipped_pack().join("../geo/demo.csv"))).unwrap();
+    let options = replay::Options {
+        logs: vec![path],
+        pack: shipped_pack(),
+        baseline: Some(shipped_pack()),
+        show: 5,
+    };
+    let summary = replay::run(&options, &geo).await.unwrap();
+    assert_eq!(summary.skipped, 1, "{}", summary.render());
+    assert!(
+        summary.first_skips[0].starts_with(&format!("{id}: the candidate refused it")),
+        "{:?}",
+        summary.first_skips
+    );
+    let decided = |side: &replay::Side| side.actions.values().sum::<usize>();
+    assert_eq!(decided(&summary.candidate), summary.evaluations - 1);
+    assert_eq!(decided(&summary.baseline), summary.evaluations - 1);
+    assert!(summary.render().contains("not compared: 1 evaluation(s)"));
 }
 
 async fn serve_admin(
