@@ -167,6 +167,20 @@ fn longest_first<K>(levels: BTreeMap<u8, HashMap<K, u32>>) -> Vec<(u8, HashMap<K
     levels.into_iter().rev().collect()
 }
 
+/// A network of IPv4-mapped addresses (`::ffff:192.0.2.0/120`) as the IPv4
+/// network it maps (`192.0.2.0/24`): lookups see mapped addresses as IPv4
+/// (see [`normalize`]), so in the IPv6 table such a row would never match.
+fn mapped_to_v4(network: IpNetwork) -> IpNetwork {
+    match network {
+        IpNetwork::V6(n) if n.prefix() >= 96 => n
+            .ip()
+            .to_ipv4_mapped()
+            .and_then(|ip| ipnetwork::Ipv4Network::new(ip, n.prefix() - 96).ok())
+            .map_or(network, IpNetwork::V4),
+        other => other,
+    }
+}
+
 /// `::ffff:a.b.c.d` is how dual-stack sockets report IPv4 clients; treat it as a.b.c.d.
 fn normalize(ip: IpAddr) -> IpAddr {
     match ip {
@@ -259,7 +273,7 @@ impl GeoDb {
                 }
             };
             let index = table.records.len() as u32;
-            let previous = match network {
+            let previous = match mapped_to_v4(network) {
                 IpNetwork::V4(n) => v4
                     .entry(n.prefix())
                     .or_insert_with(HashMap::new)
@@ -544,6 +558,25 @@ mod tests {
             Some("Chengdu")
         );
         assert_eq!(city(&db, "::ffff:192.0.2.64").as_deref(), Some("Tianjin"));
+    }
+
+    /// A row written as IPv4-mapped IPv6 is the IPv4 network it maps: it
+    /// matches both spellings of its addresses, and clashes with the same
+    /// network written as IPv4.
+    #[test]
+    fn a_mapped_network_row_is_its_ipv4_network() {
+        let header = "network,country,region,city,latitude,longitude\n";
+        let csv = format!("{header}::ffff:192.0.2.0/120,CN,Beijing,Beijing,39.9,116.4\n");
+        let db = GeoDb::from_csv(&csv, "mapped.csv").expect("parses");
+        for addr in ["192.0.2.7", "::ffff:192.0.2.7"] {
+            assert_eq!(city(&db, addr).as_deref(), Some("Beijing"), "{addr}");
+        }
+        assert_eq!(city(&db, "192.0.3.7"), None);
+        let both = format!("{csv}192.0.2.0/24,CN,Tianjin,Tianjin,39.1,117.2\n");
+        let err = GeoDb::from_csv(&both, "mapped.csv")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mapped.csv:3: duplicate network"), "{err}");
     }
 
     #[test]
