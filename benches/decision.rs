@@ -115,7 +115,10 @@ impl Setup {
         let geo = demo_geo();
         let native = Arc::new(Native::new(&pack));
         let started = Instant::now();
-        let steps = env_number("RISKGATE_BENCH_CHECK_STEPS").unwrap_or(CHECK_STEPS);
+        // At least one step: the rules-only benches time the contexts it captures.
+        let steps = env_number("RISKGATE_BENCH_CHECK_STEPS")
+            .unwrap_or(CHECK_STEPS)
+            .max(1);
         let checked = check(&pack, &geo, &native, steps);
         report_check(&checked, started.elapsed());
         let (compiled, merged, alone) = pack.fast_coverage();
