@@ -305,6 +305,36 @@ async fn a_truncated_snapshot_is_refused_unless_discarded() {
     assert!(stderr.contains("--discard-bad-snapshot"), "{stderr}");
     assert_eq!(std::fs::read(&path).unwrap(), cut, "the file is left alone");
 
+    // With --discard-bad-snapshot, but FILE.bad cannot be taken (a folder
+    // with a file in it): no start, and the refused file is not replaced.
+    let mut aside = path.clone().into_os_string();
+    aside.push(".bad");
+    std::fs::create_dir(&aside).unwrap();
+    std::fs::write(std::path::Path::new(&aside).join("keep"), "x").unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-watch"])
+        .args(["--discard-bad-snapshot", "--snapshot"])
+        .arg(&path)
+        .current_dir(repo())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A server that started anyway would serve until killed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot move the refused snapshot aside"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), cut, "the file is left alone");
+    std::fs::remove_dir_all(&aside).unwrap();
+
     // With --discard-bad-snapshot: a loud warning, the file moved aside,
     // an empty start (the burst is forgotten).
     let server = Server::start(&path, &["--discard-bad-snapshot"]);
@@ -316,8 +346,6 @@ async fn a_truncated_snapshot_is_refused_unless_discarded() {
         .clone();
     assert!(warned.contains("WARN"), "{warned}");
     assert!(warned.contains("is truncated"), "{warned}");
-    let mut aside = path.clone().into_os_string();
-    aside.push(".bad");
     assert_eq!(std::fs::read(&aside).unwrap(), cut);
     let mut client = server.client().await;
     let fifth = recharge("u-cut-large-4", "u-cut", 500, t0 + 2 * MIN);
