@@ -171,21 +171,21 @@ row("requests/s", [lg(f"warm-baseline-{r}")["rps"] for r in R], [lg(f"warm-engin
 busy("warm")
 print("h2load (16 x 16, dry-run body)")
 row("requests/s", [h2(f"h2load-baseline-{r}")[0] for r in R], [h2(f"h2load-engine-{r}")[0] for r in R])
-# A run with failures, or an open loop whose client fell behind, does not
-# measure what its row says: a server that fails fast looks fast.
+# A run with failures does not measure what its row says: a server that
+# fails fast looks fast.
 warned = False
 for name in sorted(f for p in ("closed-", "warm-", "open") for f in glob.glob(f"{out}/{p}*.json")):
     r = json.load(open(name))
-    if r.get("errors") or (r.get("mode") == "open" and r.get("late")):
+    if r.get("errors"):
         warned = True
-        print(f"  WARNING {os.path.basename(name)}: {r['errors']} errors, {r['late']} late sends")
+        print(f"  WARNING {os.path.basename(name)}: {r['errors']} errors")
 for name in sorted(glob.glob(f"{out}/h2load-*.txt")):
     m = re.search(r"(\d+) total, .*?(\d+) succeeded", open(name).read())
     if not m or m.group(1) != m.group(2):
         warned = True
         print(f"  WARNING {os.path.basename(name)}: not every h2load request succeeded")
 if not warned:
-    print("  every run: no errors, no late sends, every h2load request succeeded")
+    print("  every run: no errors, every h2load request succeeded")
 for share in (4, 2):
     rate = lg(f"open{share}-baseline-1")["rate"]
     pacing = lg(f"open{share}-baseline-1").get("pacing")
@@ -193,4 +193,9 @@ for share in (4, 2):
     for k in ("p50", "p99", "p999"):
         row(f"{k} us", [lg(f"open{share}-baseline-{r}")["latency_us"][k] for r in R],
             [lg(f"open{share}-engine-{r}")["latency_us"][k] for r in R])
+    # Sends the client made over 1 ms after their due time (its own core was
+    # busy or descheduled): timed from the due time, so the delay is in the
+    # latency above, on either side.
+    late = lambda mode: " ".join(str(lg(f"open{share}-{mode}-{r}")["late"]) for r in R)
+    print(f"  {'late sends, each round':<29}{late('baseline'):>10}  {late('engine'):>10}")
 PY
