@@ -348,6 +348,21 @@ pub async fn run_baseline(
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(config.listen);
+    let ignored: Vec<&str> = [
+        (config.state.trim() != "memory", "state"),
+        (config.snapshot.is_some(), "snapshot"),
+        (config.admin_listen.is_some(), "admin_listen"),
+        (config.decision_log.is_some(), "decision_log"),
+    ]
+    .into_iter()
+    .filter_map(|(set, name)| set.then_some(name))
+    .collect();
+    if !ignored.is_empty() {
+        tracing::warn!(
+            ignored = ?ignored,
+            "--baseline keeps no state, logs nothing and serves no admin API: these settings have no effect"
+        );
+    }
     tracing::info!(%addr, "riskgate BASELINE serving: every Evaluate is ALLOW, no rules, no state");
     crate::api::serve_baseline(listener, shutdown).await?;
     tracing::info!("riskgate stopped");
