@@ -238,3 +238,35 @@ async fn a_named_population_is_the_same_users_run_after_run() {
     assert!(again * 10 <= first, "the same users again: {added:?}");
     assert!(fresh * 2 >= first, "new users: {added:?}");
 }
+
+/// Warm-up requests reach the server but not the report: the server holds a
+/// record of every request, the report counts only those after the warm-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_requests_are_sent_but_not_reported() {
+    let (addr, _stop, engine) = start_engine().await;
+    let argv = [
+        "loadgen",
+        "--addr",
+        &addr,
+        "--warmup",
+        "500ms",
+        "--duration",
+        "500ms",
+        "--connections",
+        "1",
+        "--streams",
+        "2",
+    ];
+    let args = Cli::try_parse_from(argv).expect("flags").args;
+    let report = loadgen::run(&args).await.expect("run");
+    assert_eq!(report.errors, 0, "{report:#?}");
+    let served = engine.store().stats().idempotency_records as u64;
+    assert!(report.requests > 0, "{report:#?}");
+    // Half the time was warm-up: about half the requests. (A run that
+    // reported its warm-up would differ only by the few left in flight.)
+    assert!(
+        served >= report.requests + report.requests / 4,
+        "the server decided {served}, the report counts {}: warm-up included?",
+        report.requests
+    );
+}
