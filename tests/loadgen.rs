@@ -270,3 +270,79 @@ async fn warm_up_requests_are_sent_but_not_reported() {
         report.requests
     );
 }
+
+/// A server that answers at once, but for one request that it holds 300 ms.
+struct Stalling {
+    served: std::sync::atomic::AtomicU64,
+}
+
+#[tonic::async_trait]
+impl riskgate::pb::risk_engine_server::RiskEngine for Stalling {
+    async fn evaluate(
+        &self,
+        request: tonic::Request<riskgate::pb::EvaluateRequest>,
+    ) -> Result<tonic::Response<riskgate::pb::Decision>, tonic::Status> {
+        let n = self
+            .served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n == 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        Ok(tonic::Response::new(riskgate::pb::Decision {
+            request_id: request.into_inner().request_id,
+            action: riskgate::pb::Action::Allow.into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn record_event(
+        &self,
+        _: tonic::Request<riskgate::pb::Event>,
+    ) -> Result<tonic::Response<riskgate::pb::RecordEventResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    async fn report_outcome(
+        &self,
+        _: tonic::Request<riskgate::pb::Outcome>,
+    ) -> Result<tonic::Response<riskgate::pb::ReportOutcomeResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+}
+
+/// The open loop's claim: a stall is not hidden. With one request in
+/// flight at most, the client cannot send while the server holds one for
+/// 300 ms; the ~150 sends due meanwhile go out late, and each is timed from
+/// when it was due. Timed from when it left, only the held request would be
+/// slow, one in 1,000: a p99 of a millisecond.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_loop_times_a_stall_from_when_requests_were_due() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let service = riskgate::pb::risk_engine_server::RiskEngineServer::new(Stalling {
+        served: Default::default(),
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let flags = [
+        "--rate",
+        "500",
+        "--duration",
+        "2s",
+        "--connections",
+        "1",
+        "--max-in-flight",
+        "1",
+    ];
+    let report = loadgen::run(&args(&addr, &flags)).await.expect("run");
+    assert_eq!((report.requests, report.errors), (1000, 0), "{report:#?}");
+    let l = &report.latency_us;
+    assert!(l.max >= 300_000, "the held request: {l:?}");
+    assert!(l.p99 >= 150_000, "the sends due during the stall: {l:?}");
+    assert!(report.late >= 50, "{report:#?}");
+}
