@@ -160,13 +160,11 @@ pub async fn run(options: &Options, geo: &GeoDb) -> Result<Summary, ReplayError>
                     (Ok(before), Ok(now)) => {
                         summary.compare(&e.request, &before, &now, options.show)
                     }
-                    (before, now) => {
-                        let (side, why) = match (before, now) {
-                            (_, Err(why)) => ("candidate", why),
-                            (Err(why), _) => ("baseline", why),
-                            _ => unreachable!("both decided"),
-                        };
-                        summary.skip(&e.request.request_id, side, why, options.show);
+                    (_, Err(why)) => {
+                        summary.skip(&e.request.request_id, "candidate", why, options.show)
+                    }
+                    (Err(why), _) => {
+                        summary.skip(&e.request.request_id, "baseline", why, options.show)
                     }
                 }
             }

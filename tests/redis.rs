@@ -424,6 +424,38 @@ async fn the_shipped_scenarios_pass_on_redis() {
     assert_eq!(failed, 0, "{}", String::from_utf8_lossy(&report));
 }
 
+/// A Redis store that settles inline, under its own key prefix.
+async fn inline_store(redis: &Redis, prefix: &str) -> riskgate::state::RedisStore {
+    riskgate::state::RedisStore::connect(riskgate::state::redis::RedisConfig {
+        url: redis.url(),
+        prefix: prefix.to_string(),
+        timeout_ms: 5_000,
+        idempotency_ttl_ms: 3_600_000,
+        inline_settle: true,
+    })
+    .await
+    .unwrap()
+}
+
+/// The window values a request reads in memory and in Redis (`step`: its
+/// fingerprint), which must be the same.
+async fn windows_in_both(
+    memory: &riskgate::state::MemoryStore,
+    shared: &riskgate::state::RedisStore,
+    plan: &riskgate::state::WindowPlan,
+    r: &riskgate::model::Recharge,
+    step: u64,
+    record: bool,
+) -> (Vec<i64>, Vec<i64>) {
+    use riskgate::state::redis::Opened;
+    let in_memory = memory.begin(plan, r, None, record).windows;
+    let in_redis = match shared.open(plan, r, None, step, record).await.unwrap() {
+        Opened::Decide { begun, .. } => begun.windows,
+        _ => panic!("step {step}: a new request id"),
+    };
+    (in_memory, in_redis)
+}
+
 /// A recharge by `user` from the one device many users share.
 fn on_shared_device(user: u64, ts: i64) -> riskgate::model::Recharge {
     use riskgate::model::{Account, AccountStatus, Facts, Recharge};
@@ -461,20 +493,11 @@ fn on_shared_device(user: u64, ts: i64) -> riskgate::model::Recharge {
 /// included, as users come and go out of the hour.
 #[tokio::test]
 async fn a_shared_device_counts_alike_in_redis_and_in_memory() {
-    use riskgate::state::redis::{Opened, RedisConfig};
-    use riskgate::state::{memory::MemoryLimits, MemoryStore, RedisStore};
+    use riskgate::state::{memory::MemoryLimits, MemoryStore};
     let Some(redis) = Redis::start() else { return };
     let pack = riskgate::pack::Pack::load(&shipped_pack()).unwrap();
     let plan = &pack.plan;
-    let shared = RedisStore::connect(RedisConfig {
-        url: redis.url(),
-        prefix: "shared".to_string(),
-        timeout_ms: 5_000,
-        idempotency_ttl_ms: 3_600_000,
-        inline_settle: true,
-    })
-    .await
-    .unwrap();
+    let shared = inline_store(&redis, "shared").await;
     let memory = MemoryStore::new(MemoryLimits::default());
     let device_users = plan
         .windows
@@ -492,11 +515,7 @@ async fn a_shared_device_counts_alike_in_redis_and_in_memory() {
         let mut r = on_shared_device(user, ts);
         r.dry_run = step % 5 == 4;
         let record = !r.dry_run;
-        let in_memory = memory.begin(plan, &r, None, record).windows;
-        let in_redis = match shared.open(plan, &r, None, step, record).await.unwrap() {
-            Opened::Decide { begun, .. } => begun.windows,
-            _ => panic!("step {step}: a new request id"),
-        };
+        let (in_memory, in_redis) = windows_in_both(&memory, &shared, plan, &r, step, record).await;
         assert_eq!(in_redis, in_memory, "step {step} (user {user}, ts {ts})");
         peak = peak.max(in_memory[device_users]);
     }
@@ -508,20 +527,11 @@ async fn a_shared_device_counts_alike_in_redis_and_in_memory() {
 /// never the value being recorded, a late one included.
 #[tokio::test]
 async fn a_full_distinct_window_makes_room_alike_in_redis_and_in_memory() {
-    use riskgate::state::redis::{Opened, RedisConfig};
-    use riskgate::state::{memory::MemoryLimits, MemoryStore, RedisStore};
+    use riskgate::state::{memory::MemoryLimits, MemoryStore};
     let Some(redis) = Redis::start() else { return };
     let pack = riskgate::pack::Pack::load(&shipped_pack()).unwrap();
     let plan = &pack.plan;
-    let shared = RedisStore::connect(RedisConfig {
-        url: redis.url(),
-        prefix: "bound".to_string(),
-        timeout_ms: 5_000,
-        idempotency_ttl_ms: 3_600_000,
-        inline_settle: true,
-    })
-    .await
-    .unwrap();
+    let shared = inline_store(&redis, "bound").await;
     let memory = MemoryStore::new(MemoryLimits::default());
     let t = t0();
     // 4,096 users on one device within a few minutes, then more: on time,
@@ -534,15 +544,8 @@ async fn a_full_distinct_window_makes_room_alike_in_redis_and_in_memory() {
     ];
     for (step, (user, ts)) in users.chain(late).enumerate() {
         let r = on_shared_device(user, ts);
-        let in_memory = memory.begin(plan, &r, None, true).windows;
-        let in_redis = match shared
-            .open(plan, &r, None, step as u64, true)
-            .await
-            .unwrap()
-        {
-            Opened::Decide { begun, .. } => begun.windows,
-            _ => panic!("step {step}: a new request id"),
-        };
+        let (in_memory, in_redis) =
+            windows_in_both(&memory, &shared, plan, &r, step as u64, true).await;
         assert_eq!(in_redis, in_memory, "step {step} (user {user}, ts {ts})");
     }
 }
@@ -559,18 +562,10 @@ async fn a_full_distinct_window_makes_room_alike_in_redis_and_in_memory() {
 #[tokio::test]
 #[ignore]
 async fn measure_the_touch_script_on_a_shared_device() {
-    use riskgate::state::redis::{Opened, RedisConfig};
+    use riskgate::state::redis::Opened;
     let redis = Redis::start().expect("redis-server");
     let pack = riskgate::pack::Pack::load(&shipped_pack()).unwrap();
-    let shared = riskgate::state::RedisStore::connect(RedisConfig {
-        url: redis.url(),
-        prefix: "measure".to_string(),
-        timeout_ms: 5_000,
-        idempotency_ttl_ms: 3_600_000,
-        inline_settle: true,
-    })
-    .await
-    .unwrap();
+    let shared = inline_store(&redis, "measure").await;
     let env = |name: &str| std::env::var(name).ok();
     let users: u64 = env("RISKGATE_USERS").map_or(4096, |u| u.parse().unwrap());
     let own_device = env("RISKGATE_OWN_DEVICE").is_some();
@@ -608,19 +603,11 @@ async fn measure_the_touch_script_on_a_shared_device() {
 #[tokio::test]
 async fn a_settle_after_the_claim_lapsed_still_stands() {
     use riskgate::decision::{Action as Decided, Decision};
-    use riskgate::state::redis::{Opened, RedisConfig};
-    use riskgate::state::{RedisStore, Settled};
+    use riskgate::state::redis::Opened;
+    use riskgate::state::Settled;
     let Some(redis) = Redis::start() else { return };
     let pack = riskgate::pack::Pack::load(&shipped_pack()).unwrap();
-    let store = RedisStore::connect(RedisConfig {
-        url: redis.url(),
-        prefix: "late".to_string(),
-        timeout_ms: 5_000,
-        idempotency_ttl_ms: 3_600_000,
-        inline_settle: true,
-    })
-    .await
-    .unwrap();
+    let store = inline_store(&redis, "late").await;
     let r = on_shared_device(1, t0());
     let Opened::Decide { profile, .. } = store.open(&pack.plan, &r, None, 42, true).await.unwrap()
     else {
