@@ -7,11 +7,12 @@ pub mod validate;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use crate::decision::{Action, Decision, Reason};
+use crate::decision::{Action, Reason};
 use crate::engine::{Engine, EngineError, Evaluated};
 use crate::pb;
 use crate::pb::risk_engine_server::{RiskEngine, RiskEngineServer};
@@ -37,7 +38,7 @@ impl RiskEngine for Api {
     ) -> Result<Response<pb::Decision>, Status> {
         let recharge = validate::recharge(request.into_inner(), crate::now_ms())?;
         let evaluated = self.engine.evaluate(recharge).await.map_err(status)?;
-        Ok(Response::new(decision_reply(&evaluated)))
+        Ok(Response::new(decision_reply(evaluated)))
     }
 
     async fn record_event(
@@ -119,9 +120,19 @@ fn action(a: Action) -> i32 {
 
 fn reason(r: &Reason) -> pb::Reason {
     pb::Reason {
-        rule_id: r.rule_id.to_string(),
+        rule_id: String::from(&*r.rule_id),
         code: r.code.clone(),
         message: r.message.clone(),
+        action: action(r.action),
+        score: clamp(r.score),
+    }
+}
+
+fn owned_reason(r: Reason) -> pb::Reason {
+    pb::Reason {
+        rule_id: String::from(&*r.rule_id),
+        code: r.code,
+        message: r.message,
         action: action(r.action),
         score: clamp(r.score),
     }
@@ -131,8 +142,26 @@ fn clamp(score: i64) -> i32 {
     score.clamp(i32::MIN as i64, i32::MAX as i64) as i32
 }
 
-pub fn decision_reply(e: &Evaluated) -> pb::Decision {
-    let d: &Decision = &e.decision;
+/// The reply for a decision. A decision nothing else holds (a dry run's) is
+/// taken apart, its strings moved into the reply; one that is also kept for
+/// replays is copied.
+pub fn decision_reply(e: Evaluated) -> pb::Decision {
+    let replayed = e.replayed;
+    let d = match Arc::try_unwrap(e.decision) {
+        Ok(d) => {
+            return pb::Decision {
+                request_id: d.request_id,
+                action: action(d.action),
+                challenge: d.challenge,
+                score: clamp(d.score),
+                reasons: d.reasons.into_iter().map(owned_reason).collect(),
+                shadow_reasons: d.shadow_reasons.into_iter().map(owned_reason).collect(),
+                ruleset_version: String::from(&*d.ruleset_version),
+                replayed,
+            }
+        }
+        Err(shared) => shared,
+    };
     pb::Decision {
         request_id: d.request_id.clone(),
         action: action(d.action),
@@ -140,8 +169,9 @@ pub fn decision_reply(e: &Evaluated) -> pb::Decision {
         score: clamp(d.score),
         reasons: d.reasons.iter().map(reason).collect(),
         shadow_reasons: d.shadow_reasons.iter().map(reason).collect(),
-        ruleset_version: d.ruleset_version.to_string(),
-        replayed: e.replayed,
+        // `String::from`, not `to_string`: no trip through `Display`.
+        ruleset_version: String::from(&*d.ruleset_version),
+        replayed,
     }
 }
 

@@ -70,7 +70,7 @@ fn has_control(value: &str) -> bool {
     }
 }
 
-fn parse_ip(field: &str, text: &str) -> Result<(IpAddr, String), Status> {
+fn parse_ip(field: &str, text: String) -> Result<(IpAddr, String), Status> {
     // The longest address text is 45 bytes (IPv4-mapped IPv6); spaces
     // around it are allowed for.
     if text.len() > MAX_IP_LEN {
@@ -92,7 +92,9 @@ fn parse_ip(field: &str, text: &str) -> Result<(IpAddr, String), Status> {
             None => (ip, v6_text(v6)),
         },
         // Text that parses as IPv4 is already in its one canonical form
-        // (no leading zeros, no spaces): kept as it is, not formatted anew.
+        // (no leading zeros): kept as it is, not formatted anew, and without
+        // a copy unless there were spaces to trim.
+        IpAddr::V4(_) if text.trim().len() == text.len() => (ip, text),
         IpAddr::V4(_) => (ip, text.trim().to_string()),
     })
 }
@@ -185,7 +187,7 @@ pub fn recharge(req: pb::EvaluateRequest, now: i64) -> Result<Recharge, Status> 
     if req.ip.is_empty() {
         return Err(invalid("ip", "is required"));
     }
-    let (ip, ip_text) = parse_ip("ip", &req.ip)?;
+    let (ip, ip_text) = parse_ip("ip", req.ip)?;
     let timestamp_ms = event_time("timestamp_ms", req.timestamp_ms, now)?;
     attributes(&req.attributes)?;
     let account = match req.account {
@@ -304,7 +306,7 @@ pub fn login(ev: pb::Event, now: i64) -> Result<Login, Status> {
     let (ip, ip_text) = if ev.ip.is_empty() {
         (None, String::new())
     } else {
-        let (ip, text) = parse_ip("ip", &ev.ip)?;
+        let (ip, text) = parse_ip("ip", ev.ip)?;
         (Some(ip), text)
     };
     attributes(&ev.attributes)?;
@@ -393,10 +395,10 @@ mod tests {
         }
         // As validation sees it: any spelling of one address, one text.
         for text in ["2001:DB8::1", "2001:0db8:0:0:0:0:0:1", " 2001:db8::0:1 "] {
-            let (_, canonical) = parse_ip("ip", text).unwrap();
+            let (_, canonical) = parse_ip("ip", text.to_string()).unwrap();
             assert_eq!(canonical, "2001:db8::1");
         }
-        let (ip, text) = parse_ip("ip", "::ffff:192.0.2.1").unwrap();
+        let (ip, text) = parse_ip("ip", "::ffff:192.0.2.1".into()).unwrap();
         assert_eq!(
             (ip.to_string(), text.as_str()),
             ("192.0.2.1".into(), "192.0.2.1")

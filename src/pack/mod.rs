@@ -171,8 +171,8 @@ impl Pack {
     }
 
     /// List membership of one request, and whether it is allow-listed.
-    pub fn list_hits(&self, recharge: &Recharge) -> (Vec<bool>, bool) {
-        let hits: Vec<bool> = self
+    pub fn list_hits(&self, recharge: &Recharge) -> (script::ListHits, bool) {
+        let hits: script::ListHits = self
             .lists
             .iter()
             .map(|(_, list)| match list.kind {

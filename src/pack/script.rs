@@ -53,13 +53,17 @@ pub struct Ctx {
     pub recharge: Recharge,
     pub location: Option<Arc<Location>>,
     /// One value per pack window, in pack order.
-    pub windows: Vec<i64>,
+    pub windows: crate::state::WindowValues,
     pub profile: ProfileView,
     /// One flag per pack list, in pack order.
-    pub lists: Vec<bool>,
+    pub lists: ListHits,
     pub allowlisted: bool,
     pub names: Arc<Names>,
 }
+
+/// One flag per pack list, in pack order; inline up to 16 lists, so a
+/// request's flags need no allocation of their own.
+pub type ListHits = smallvec::SmallVec<[bool; 16]>;
 
 macro_rules! view {
     ($($name:ident),*) => {$(

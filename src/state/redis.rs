@@ -34,7 +34,9 @@ use redis::{Script, Value};
 
 use super::memory::{OutcomeMark, Settled};
 use super::profile::Profile;
-use super::{releases, Aggregate, Begun, Counts, StateError, Touch, Window, WindowPlan};
+use super::{
+    releases, Aggregate, Begun, Counts, StateError, Touch, Window, WindowPlan, WindowValues,
+};
 use crate::decision::{Action, Decision};
 use crate::geo::Location;
 use crate::model::{Facts, Login, OutcomeKind, Recharge};
@@ -399,7 +401,7 @@ impl RedisStore {
         }
         let profile_bytes = bytes(reply.get(2));
         let profile = decode_profile(profile_bytes.as_deref());
-        let mut windows = vec![0i64; plan.windows.len()];
+        let mut windows = WindowValues::from_elem(0, plan.windows.len());
         for (n, &i) in ops.index.iter().enumerate() {
             windows[i] = int(reply.get(3 + n));
         }
