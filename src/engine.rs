@@ -6,6 +6,8 @@
 //! The engine owns no I/O beyond the state interface, which is what lets the
 //! same code serve gRPC, tests and (later) backtests.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +60,22 @@ struct Shared {
 pub struct Evaluated {
     pub decision: Arc<Decision>,
     pub replayed: bool,
+}
+
+/// An evaluation begun by [`Engine::start`]: decided, or to be awaited.
+pub enum Evaluation<'a> {
+    Ready(Result<Evaluated, EngineError>),
+    Pending(Pin<Box<dyn Future<Output = Result<Evaluated, EngineError>> + Send + 'a>>),
+}
+
+impl Evaluation<'_> {
+    /// The decision, once it is made.
+    pub async fn finish(self) -> Result<Evaluated, EngineError> {
+        match self {
+            Evaluation::Ready(result) => result,
+            Evaluation::Pending(pending) => pending.await,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,20 +155,30 @@ impl Engine {
     /// Scores one recharge. A request id seen before with the same content gets
     /// the stored decision back and records nothing.
     pub async fn evaluate(&self, recharge: Recharge) -> Result<Evaluated, EngineError> {
+        self.start(recharge).finish().await
+    }
+
+    /// [`Engine::evaluate`], begun without a future of its own: in memory
+    /// the decision is nearly always made here, synchronously, and only
+    /// what has to wait (shared state, a retry of an id still being
+    /// decided) is a future, boxed. Why: the gRPC handler's future is
+    /// boxed and moved on every call, and holding this call's state in it
+    /// (the recharge, the pack, the Redis path's futures) made it
+    /// kilobytes where the handler needs a few hundred bytes.
+    pub fn start(&self, recharge: Recharge) -> Evaluation<'_> {
         let pack = self.pack();
         let fingerprint = fingerprint(&recharge);
         match &self.shared.store {
-            Store::Memory(m) => match self.evaluate_local(m, &pack, recharge, fingerprint)? {
-                Local::Done(evaluated) => Ok(evaluated),
-                // Rare, and boxed so its timer does not weigh on every call.
-                Local::Deciding(entry, request_id) => Box::pin(wait_for(entry, request_id)).await,
+            Store::Memory(m) => match self.evaluate_local(m, &pack, recharge, fingerprint) {
+                Ok(Local::Done(evaluated)) => Evaluation::Ready(Ok(evaluated)),
+                Ok(Local::Deciding(entry, request_id)) => {
+                    Evaluation::Pending(Box::pin(wait_for(entry, request_id)))
+                }
+                Err(e) => Evaluation::Ready(Err(e)),
             },
-            // Boxed: the shared path holds Redis futures across its awaits,
-            // and unboxed they made every evaluation's future (the local one
-            // included) several kilobytes, copied on every call.
-            Store::Redis(r) => {
-                Box::pin(self.evaluate_shared(r, &pack, recharge, fingerprint)).await
-            }
+            Store::Redis(r) => Evaluation::Pending(Box::pin(async move {
+                self.evaluate_shared(r, &pack, recharge, fingerprint).await
+            })),
         }
     }
 

@@ -37,7 +37,8 @@ impl RiskEngine for Api {
         request: Request<pb::EvaluateRequest>,
     ) -> Result<Response<pb::Decision>, Status> {
         let recharge = validate::recharge(request.into_inner(), crate::now_ms())?;
-        let evaluated = self.engine.evaluate(recharge).await.map_err(status)?;
+        let evaluation = self.engine.start(recharge);
+        let evaluated = evaluation.finish().await.map_err(status)?;
         Ok(Response::new(decision_reply(evaluated)))
     }
 
