@@ -24,7 +24,7 @@ use crate::state::profile::Profile;
 use crate::state::redis::{Logged, Opened};
 use crate::state::{
     fnv1a, releases, Begun, Conflict, KeptDecision, MemoryStore, RedisStore, Settled, StateError,
-    Store, WindowValues,
+    Store,
 };
 
 /// The code of the reason a decision made without state carries.
@@ -288,7 +288,7 @@ impl Engine {
                 let ts = recharge.facts.timestamp_ms;
                 let span = pack.plan.profile_span_ms;
                 let begun = Begun {
-                    windows: WindowValues::from_elem(0, pack.plan.windows.len()),
+                    windows: vec![0; pack.plan.windows.len()],
                     profile: Profile::default().view(ts, span, location.as_deref()),
                 };
                 (begun, None, Some(e))

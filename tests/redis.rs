@@ -453,7 +453,7 @@ async fn windows_in_both(
         Opened::Decide { begun, .. } => begun.windows,
         _ => panic!("step {step}: a new request id"),
     };
-    (in_memory.into_vec(), in_redis.into_vec())
+    (in_memory, in_redis)
 }
 
 /// A recharge by `user` from the one device many users share.

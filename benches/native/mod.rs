@@ -856,7 +856,7 @@ impl Native {
             Traffic::new(0).order(0, 1),
             None,
             Begun {
-                windows: riskgate::state::WindowValues::from_elem(0, pack.plan.windows.len()),
+                windows: vec![0; pack.plan.windows.len()],
                 ..Begun::default()
             },
         );

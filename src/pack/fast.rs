@@ -867,7 +867,7 @@ file = "block.txt"
             ))
         });
         let begun = crate::state::Begun {
-            windows: smallvec::smallvec![amount / 100, amount],
+            windows: vec![amount / 100, amount],
             profile: ProfileView {
                 located_events: 4,
                 usual_region: false,

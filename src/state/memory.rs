@@ -14,9 +14,7 @@ use smallvec::SmallVec;
 use super::profile::{Profile, ProfileView};
 use super::snapshot::{self, Put, Section, SnapshotError, SnapshotStats};
 use super::window::{Distinct, Series, Shape};
-use super::{
-    fnv1a, Aggregate, Begun, Conflict, Counts, KeyGroup, Touch, Window, WindowPlan, WindowValues,
-};
+use super::{fnv1a, Aggregate, Begun, Conflict, Counts, KeyGroup, Touch, Window, WindowPlan};
 use crate::decision::{Action, Decision};
 use crate::geo::Location;
 use crate::model::{Facts, Field, KeptFacts, Login, OutcomeKind, Recharge};
@@ -391,7 +389,7 @@ impl MemoryStore {
     ) -> Begun {
         let facts = &recharge.facts;
         let (ts, span) = (facts.timestamp_ms, plan.profile_span_ms);
-        let mut values = WindowValues::from_elem(0, plan.windows.len());
+        let mut values = vec![0i64; plan.windows.len()];
         let mut profile = None;
         let on_user = |slot: Option<&mut Slot>| {
             profile = Some(Slot::view(slot.as_deref(), ts, span, location));
@@ -448,7 +446,7 @@ impl MemoryStore {
             Counts::LoginFailed
         };
         let facts = login.facts();
-        let mut values = WindowValues::from_elem(0, plan.windows.len());
+        let mut values = vec![0i64; plan.windows.len()];
         let how = |w: &Window| {
             if w.counts == want {
                 Touch::Record(w.delta(&facts))
@@ -494,7 +492,7 @@ impl MemoryStore {
                 timestamp_ms: ts_ms,
                 ..facts.clone()
             };
-            let mut values = WindowValues::from_elem(0, plan.windows.len());
+            let mut values = vec![0i64; plan.windows.len()];
             let how = |w: &Window| {
                 if w.counts == want && facts.amount >= w.min_amount {
                     Touch::Record(w.delta(&at))
@@ -1667,19 +1665,19 @@ mod tests {
         let store = MemoryStore::new(MemoryLimits::default());
         let plan = plan();
         assert_eq!(
-            store.begin(&plan, &recharge("old", 0), None, true).windows[..],
+            store.begin(&plan, &recharge("old", 0), None, true).windows,
             [1]
         );
         assert_eq!(
             store
                 .begin(&plan, &recharge("new", 1_000_000), None, true)
-                .windows[..],
+                .windows,
             [1]
         );
         assert_eq!(
             store
                 .begin(&plan, &recharge("new", 1_000_001), None, true)
-                .windows[..],
+                .windows,
             [2]
         );
         assert_eq!(store.stats().window_keys, 2);
@@ -1687,7 +1685,7 @@ mod tests {
         store.expire(1_200_000, 30 * 86_400_000);
         assert_eq!(store.stats().window_keys, 1);
         let read = store.begin(&plan, &recharge("new", 1_100_000), None, false);
-        assert_eq!(read.windows[..], [3], "the live key kept its count");
+        assert_eq!(read.windows, [3], "the live key kept its count");
     }
 
     #[test]
@@ -1803,7 +1801,7 @@ mod tests {
     fn windows_led_by_the_user_live_in_the_users_key() {
         let store = MemoryStore::new(MemoryLimits::default());
         let plan = plan_with_orders();
-        let begin = |r: &Recharge| store.begin(&plan, r, None, true).windows.into_vec();
+        let begin = |r: &Recharge| store.begin(&plan, r, None, true).windows;
         assert_eq!(begin(&order("u1", "phone-1", 0)), [1, 1]);
         assert_eq!(begin(&order("u1", "phone-1", 1_000)), [2, 2]);
         assert_eq!(
@@ -1823,7 +1821,7 @@ mod tests {
         assert_eq!(begin(&third), [3, 4]);
         store.settle(&plan, &third.facts, Action::Block, false, None);
         let read = store.begin(&plan, &order("u1", "phone-1", 5_000), None, false);
-        assert_eq!(read.windows[..], [3, 4], "2 + this one; 3 + this one");
+        assert_eq!(read.windows, [3, 4], "2 + this one; 3 + this one");
 
         // An empty field: the (user, target) window does not apply.
         assert_eq!(begin(&order("u3", "", 6_000)), [0, 1]);
@@ -1832,7 +1830,7 @@ mod tests {
         store.expire(700_000, plan.profile_span_ms);
         assert_eq!(store.stats().window_keys, 3);
         let read = store.begin(&plan, &order("u1", "phone-1", 700_000), None, false);
-        assert_eq!(read.windows[..], [1, 4]);
+        assert_eq!(read.windows, [1, 4]);
         store.with_slot("user_id\x1fu1", |slot| {
             assert_eq!(slot.map(|s| s.windows.len()), Some(1), "only per_user left");
         });
@@ -1849,7 +1847,7 @@ mod tests {
         store.with_slot("user_id\x1fu1", |slot| {
             assert!(slot.unwrap().windows.len() <= SLOT_WINDOWS);
         });
-        let read = |r: &Recharge| store.begin(&plan, r, None, false).windows.into_vec();
+        let read = |r: &Recharge| store.begin(&plan, r, None, false).windows;
         assert_eq!(
             read(&order("u1", &format!("t{}", n - 1), n)),
             [2, n + 1],
@@ -1862,7 +1860,7 @@ mod tests {
     fn dry_runs_create_no_keys() {
         let store = MemoryStore::new(MemoryLimits::default());
         let got = store.begin(&plan(), &recharge("u", 0), None, false);
-        assert_eq!(got.windows[..], [1], "a dry run counts itself in");
+        assert_eq!(got.windows, [1], "a dry run counts itself in");
         assert_eq!(store.stats().window_keys, 0);
     }
 
@@ -2042,7 +2040,7 @@ mod tests {
             for n in 1..=3 {
                 r.facts.timestamp_ms += 1_000;
                 let begun = store.begin(&plan, &r, None, true);
-                assert_eq!(begun.windows[..], [n, n], "{key:?}");
+                assert_eq!(begun.windows, [n, n], "{key:?}");
             }
             assert_eq!(store.stats().window_keys, 2);
             assert!(store.windows.read(&key, |s| s.is_some()), "{key:?}");

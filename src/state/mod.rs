@@ -122,15 +122,11 @@ pub struct WindowPlan {
     pub profile_span_ms: i64,
 }
 
-/// One value per pack window, in plan order. Inline up to 16 windows (the
-/// shipped pack has 9): a request's values need no allocation of their own.
-pub type WindowValues = smallvec::SmallVec<[i64; 16]>;
-
 /// What `begin` hands the rules.
 #[derive(Debug, Clone, Default)]
 pub struct Begun {
     /// One value per window, in plan order, this request included.
-    pub windows: WindowValues,
+    pub windows: Vec<i64>,
     pub profile: ProfileView,
 }
 

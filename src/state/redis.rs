@@ -34,9 +34,7 @@ use redis::{Script, Value};
 
 use super::memory::{OutcomeMark, Settled};
 use super::profile::Profile;
-use super::{
-    releases, Aggregate, Begun, Counts, StateError, Touch, Window, WindowPlan, WindowValues,
-};
+use super::{releases, Aggregate, Begun, Counts, StateError, Touch, Window, WindowPlan};
 use crate::decision::{Action, Decision};
 use crate::geo::Location;
 use crate::model::{Facts, Login, OutcomeKind, Recharge};
@@ -401,7 +399,7 @@ impl RedisStore {
         }
         let profile_bytes = bytes(reply.get(2));
         let profile = decode_profile(profile_bytes.as_deref());
-        let mut windows = WindowValues::from_elem(0, plan.windows.len());
+        let mut windows = vec![0i64; plan.windows.len()];
         for (n, &i) in ops.index.iter().enumerate() {
             windows[i] = int(reply.get(3 + n));
         }

@@ -1258,7 +1258,7 @@ mod tests {
         let next = recharge("r5", "u1", "d2", 60_000, t0 + 5 * MIN);
         let before = a.begin(&plan, &next, Some(&loc), false);
         let after = b.begin(&plan, &next, Some(&loc), false);
-        assert_eq!(after.windows[..], [6, 310_000, 3, 1, 6]);
+        assert_eq!(after.windows, [6, 310_000, 3, 1, 6]);
         assert_eq!(after.windows, before.windows);
         // The order window came back in u1's key; another order is new.
         let mut other = next.clone();
