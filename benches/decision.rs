@@ -85,8 +85,8 @@ use riskgate::pack::Pack;
 use riskgate::state::Store;
 
 use native::{
-    check, clone_ctx, counted, demo_geo, shipped_pack, shipped_rule_tables, timed, write_pack,
-    Checked, Native, Pipeline, Rules, Traffic, ALL_CODES, STEP_MS,
+    check, counted, demo_geo, shipped_pack, shipped_rule_tables, timed, write_pack, Checked,
+    Native, Pipeline, Rules, Traffic, ALL_CODES, STEP_MS,
 };
 
 /// Steps of the equivalence check (`RISKGATE_BENCH_CHECK_STEPS` overrides,
@@ -232,36 +232,31 @@ fn fixed(setup: &Setup, n: u64) {
         ),
     ];
     // Verdicts are dropped inside the timing here (empty ones cost nothing).
-    type RulesOnly<'a> = Box<dyn Fn(Ctx) -> ((), Ctx) + 'a>;
+    type RulesOnly<'a> = Box<dyn Fn(&Ctx) + 'a>;
     let pack = &setup.pack;
     let native = &setup.native;
     let rules_only: [(&str, RulesOnly); 3] = [
         (
             "decision/rules_only_rhai",
             Box::new(|ctx| {
-                let (v, c) = pack.run(ctx);
-                black_box(v);
-                ((), c)
+                black_box(pack.run(ctx));
             }),
         ),
         (
             "decision/rules_only_rhai_rule_by_rule",
             Box::new(|ctx| {
-                let (v, c) = pack.run_rule_by_rule(ctx);
-                black_box(v);
-                ((), c)
+                black_box(pack.run_rule_by_rule(ctx));
             }),
         ),
         (
             "decision/rules_only_native",
             Box::new(|ctx| {
-                black_box(native.run(&ctx));
-                ((), ctx)
+                black_box(native.run(ctx));
             }),
         ),
     ];
     let mut states: Vec<Option<Epoch>> = pipelines.iter().map(|_| None).collect();
-    let mut ctxs = slots(setup);
+    let ctxs = &setup.checked.ctxs;
     let mut at = 0;
     let mut times: std::collections::BTreeMap<&str, Vec<Duration>> = Default::default();
     for round in 1..=rounds {
@@ -274,7 +269,7 @@ fn fixed(setup: &Setup, n: u64) {
         }
         for (name, run) in &rules_only {
             if wanted(name) {
-                let took = over_ctxs(&mut ctxs, &mut at, n, run) / n.max(1) as u32;
+                let took = over_ctxs(ctxs, &mut at, n, run) / n.max(1) as u32;
                 eprintln!("{name}: {n} runs, {took:?} each (round {round})");
                 times.entry(name).or_default().push(took);
             }
@@ -523,10 +518,10 @@ fn report_store(e: &Epoch) {
 /// Runs `run` over the contexts round robin, `iters` times, timing only the
 /// calls (outputs are dropped untimed).
 fn over_ctxs<V>(
-    slots: &mut [Option<Ctx>],
+    ctxs: &[Ctx],
     at: &mut usize,
     iters: u64,
-    mut run: impl FnMut(Ctx) -> (V, Ctx),
+    mut run: impl FnMut(&Ctx) -> V,
 ) -> Duration {
     let mut total = Duration::ZERO;
     let mut out = Vec::with_capacity(256);
@@ -536,11 +531,8 @@ fn over_ctxs<V>(
         let start = Instant::now();
         counted(|| {
             for _ in 0..n {
-                let ctx = slots[*at].take().expect("a context");
-                let (v, ctx) = run(ctx);
-                slots[*at] = Some(ctx);
-                out.push(v);
-                *at = (*at + 1) % slots.len();
+                out.push(run(&ctxs[*at]));
+                *at = (*at + 1) % ctxs.len();
             }
         });
         total += start.elapsed();
@@ -551,33 +543,22 @@ fn over_ctxs<V>(
     total
 }
 
-fn slots(setup: &Setup) -> Vec<Option<Ctx>> {
-    setup
-        .checked
-        .ctxs
-        .iter()
-        .map(|c| Some(clone_ctx(c)))
-        .collect()
-}
-
 fn rules_only(c: &mut Criterion, setup: &Setup) {
     let mut g = c.benchmark_group("decision");
     g.throughput(Throughput::Elements(1));
-    let mut ctxs = slots(setup);
+    let ctxs = &setup.checked.ctxs;
     let mut at = 0;
     g.bench_function("rules_only_rhai", |b| {
-        b.iter_custom(|iters| over_ctxs(&mut ctxs, &mut at, iters, |ctx| setup.pack.run(ctx)));
+        b.iter_custom(|iters| over_ctxs(ctxs, &mut at, iters, |ctx| setup.pack.run(ctx)));
     });
     g.bench_function("rules_only_rhai_rule_by_rule", |b| {
         b.iter_custom(|iters| {
-            over_ctxs(&mut ctxs, &mut at, iters, |ctx| {
-                setup.pack.run_rule_by_rule(ctx)
-            })
+            over_ctxs(ctxs, &mut at, iters, |ctx| setup.pack.run_rule_by_rule(ctx))
         });
     });
     let native = &setup.native;
     g.bench_function("rules_only_native", |b| {
-        b.iter_custom(|iters| over_ctxs(&mut ctxs, &mut at, iters, |ctx| (native.run(&ctx), ctx)));
+        b.iter_custom(|iters| over_ctxs(ctxs, &mut at, iters, |ctx| native.run(ctx)));
     });
     g.finish();
 }
@@ -585,7 +566,7 @@ fn rules_only(c: &mut Criterion, setup: &Setup) {
 fn rhai_rules(c: &mut Criterion, setup: &Setup) {
     let mut g = c.benchmark_group("rhai_rule");
     g.throughput(Throughput::Elements(1));
-    let mut ctxs = slots(setup);
+    let ctxs = &setup.checked.ctxs;
     let mut at = 0;
     let mut packs: Vec<(String, tempfile::TempDir)> = Vec::new();
     let empty =
@@ -633,7 +614,7 @@ fn rhai_rules(c: &mut Criterion, setup: &Setup) {
         g.bench_function(name.as_str(), |b| {
             let pack: &Pack = pack
                 .get_or_insert_with(|| Pack::load(dir.path()).unwrap_or_else(|e| panic!("{e}")));
-            b.iter_custom(|iters| over_ctxs(&mut ctxs, &mut at, iters, |ctx| pack.run(ctx)));
+            b.iter_custom(|iters| over_ctxs(ctxs, &mut at, iters, |ctx| pack.run(ctx)));
         });
     }
     g.finish();

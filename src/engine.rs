@@ -357,7 +357,8 @@ impl Engine {
         failure: Option<&StateError>,
         started: Option<Instant>,
     ) -> Judged {
-        let (mut verdict, ctx) = pack.run(pack.context(recharge, location.clone(), begun));
+        let ctx = pack.context(recharge, location.clone(), begun);
+        let mut verdict = pack.run(&ctx);
         if let Some(e) = failure {
             verdict.reasons.push(state_unavailable(&pack.policy, e));
         }

@@ -594,13 +594,13 @@ impl Pipeline {
             .store
             .begin(&pack.plan, &recharge, location.as_deref(), true);
         let ctx = pack.context(recharge, location.clone(), begun);
-        let (verdict, ctx) = match rules {
-            Rules::Rhai => pack.run(ctx),
-            Rules::RhaiRuleByRule => pack.run_rule_by_rule(ctx),
-            Rules::Native => (self.native.run(&ctx), ctx),
+        let verdict = match rules {
+            Rules::Rhai => pack.run(&ctx),
+            Rules::RhaiRuleByRule => pack.run_rule_by_rule(&ctx),
+            Rules::Native => self.native.run(&ctx),
         };
         if let Some(capture) = capture {
-            capture.push(clone_ctx(&ctx));
+            capture.push(ctx.clone());
         }
         let Recharge {
             request_id, facts, ..
@@ -1211,19 +1211,6 @@ fn challenge_failures(n: &Native, ctx: &Ctx) -> Option<Hit> {
         )
     } else {
         None
-    }
-}
-
-/// `Ctx` is not `Clone`; its fields are.
-pub fn clone_ctx(c: &Ctx) -> Ctx {
-    Ctx {
-        recharge: c.recharge.clone(),
-        location: c.location.clone(),
-        windows: c.windows.clone(),
-        profile: c.profile.clone(),
-        lists: c.lists.clone(),
-        allowlisted: c.allowlisted,
-        names: c.names.clone(),
     }
 }
 

@@ -907,8 +907,8 @@ file = "block.txt"
             ("u3", 12_345, true),
             ("vip", 12_346, false),
         ] {
-            let (fast, c) = pack.run(ctx(pack, user, amount, located));
-            let (slow, _) = pack.run_rule_by_rule(c);
+            let c = ctx(pack, user, amount, located);
+            let (fast, slow) = (pack.run(&c), pack.run_rule_by_rule(&c));
             same(&fast, &slow);
             out.push(fast);
         }
@@ -1218,7 +1218,7 @@ file = "block.txt"
             ("a", "if window.w > 0 { flag(\"A\", \"a\") }", ""),
             ("b", "if request.amount > 900 { throw \"no\" }", ""),
         ]);
-        let (v, _) = p.run(ctx(&p, "u1", 950, true));
+        let v = p.run(&ctx(&p, "u1", 950, true));
         assert_eq!(v.reasons.len(), 2);
         assert_eq!((p.rules[0].hits(), p.rules[0].errors()), (1, 0));
         assert_eq!((p.rules[1].hits(), p.rules[1].errors()), (1, 1));

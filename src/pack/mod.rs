@@ -205,27 +205,30 @@ impl Pack {
     }
 
     /// Runs every rule on one request. Rules are pure: this reads the context
-    /// and nothing else. Hands the context back with the verdict.
+    /// and nothing else. Borrowed, not moved: the context is some 500 bytes,
+    /// and the caller still needs the recharge in it.
     ///
     /// The rules run on the fast path (see [`fast`]) where they can; a rule
     /// that cannot, or a segment of rules that failed there, runs the
     /// original way: each rule on its own AST, with the rule variables in
     /// scope, on the engine with the pack's limits.
-    pub fn run(&self, ctx: Ctx) -> (Verdict, Ctx) {
+    pub fn run(&self, ctx: &Ctx) -> Verdict {
         self.run_with(ctx, true)
     }
 
     /// [`Pack::run`] without the fast path: every rule evaluated on its own,
     /// the original way. The same verdict, slower; for tests and benchmarks.
-    pub fn run_rule_by_rule(&self, ctx: Ctx) -> (Verdict, Ctx) {
+    pub fn run_rule_by_rule(&self, ctx: &Ctx) -> Verdict {
         self.run_with(ctx, false)
     }
 
-    fn run_with(&self, ctx: Ctx, fast: bool) -> (Verdict, Ctx) {
+    fn run_with(&self, ctx: &Ctx, fast: bool) -> Verdict {
         if fast && !self.fast.needs_shared() {
-            return self.run_owned(ctx);
+            return self.run_borrowed(ctx);
         }
-        let ctx = Arc::new(ctx);
+        // The rule variables hold the context: a copy, made only for packs
+        // with rules that read the variables whole, which run in Rhai.
+        let ctx = Arc::new(ctx.clone());
         let mut verdict = Verdict::default();
         {
             // The rule variables, for the rules that run the original way:
@@ -246,15 +249,13 @@ impl Pack {
                 }
             }
         }
-        // Every clone of the context lived in the scopes, now dropped.
-        let ctx = Arc::try_unwrap(ctx).unwrap_or_else(|shared| (*shared).clone());
-        (verdict, ctx)
+        verdict
     }
 
     /// The fast path when no rule needs the rule variables as a rule: the
     /// context is only borrowed, and shared (a copy) only if a rule hands a
     /// request over to Rhai.
-    fn run_owned(&self, ctx: Ctx) -> (Verdict, Ctx) {
+    fn run_borrowed(&self, ctx: &Ctx) -> Verdict {
         let mut verdict = Verdict::default();
         {
             let mut shared: Option<Arc<Ctx>> = None;
@@ -268,9 +269,9 @@ impl Pack {
                 }
                 ran => self.settle_ran(ran, &mut verdict),
             };
-            self.fast.run(&ctx, &mut vars, &mut out);
+            self.fast.run(ctx, &mut vars, &mut out);
         }
-        (verdict, ctx)
+        verdict
     }
 
     /// One rule, the original way: its own AST, the rule variables in scope.
