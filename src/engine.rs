@@ -18,6 +18,7 @@ use crate::decision_log::{self, DecisionLog, Record};
 use crate::geo::{GeoDb, Location};
 use crate::model::{Login, Outcome, OutcomeKind, Recharge};
 use crate::pack::manifest::{Policy, StateFailure};
+use crate::pack::script::Ctx;
 use crate::pack::Pack;
 use crate::state::memory::{IdemEntry, OutcomeMark};
 use crate::state::profile::Profile;
@@ -357,16 +358,21 @@ impl Engine {
         failure: Option<&StateError>,
         started: Option<Instant>,
     ) -> Judged {
-        let ctx = pack.context(recharge, location.clone(), begun);
+        let ctx = pack.context(recharge, location, begun);
         let mut verdict = pack.run(&ctx);
         if let Some(e) = failure {
             verdict.reasons.push(state_unavailable(&pack.policy, e));
         }
         // What the rules saw, for the log (only built when the log is on).
         let seen = self.shared.log.as_ref().map(|_| seen(pack, &ctx));
-        let Recharge {
-            request_id, facts, ..
-        } = ctx.recharge;
+        // The location comes back out of the context: no second reference.
+        let Ctx {
+            recharge: Recharge {
+                request_id, facts, ..
+            },
+            location,
+            ..
+        } = ctx;
         let lenient =
             (pack.leniency.as_ref()).is_some_and(|l| l.applies(facts.amount, &verdict.reasons));
         let decision = combine(

@@ -19,7 +19,7 @@ use riskgate::pack::manifest::Mode;
 use riskgate::pack::script::Ctx;
 use riskgate::pack::{Pack, Verdict};
 use riskgate::state::memory::{MemoryLimits, OutcomeMark};
-use riskgate::state::{fnv1a, releases, Begun, KeptDecision, MemoryStore, Settled};
+use riskgate::state::{fnv1a, releases, KeptDecision, MemoryStore, Settled};
 
 /// Event time of the first generated step: 2026-01-01T00:00:00Z.
 pub const T0_MS: i64 = 1_767_225_600_000;
@@ -851,16 +851,7 @@ impl Native {
                 .position(|(n, _)| n == name)
                 .unwrap_or_else(|| panic!("the pack has no list `{name}`"))
         };
-        // Parameters are private to the pack; every context carries them.
-        let probe = pack.context(
-            Traffic::new(0).order(0, 1),
-            None,
-            Begun {
-                windows: vec![0; pack.plan.windows.len()],
-                ..Begun::default()
-            },
-        );
-        let params = &probe.names.params;
+        let params = &pack.names().params;
         let param = |name: &str| {
             params
                 .get(name)

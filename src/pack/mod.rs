@@ -23,7 +23,7 @@ use crate::state::{fnv1a, Aggregate, Counts, KeyGroup, Window, WindowPlan};
 use fast::{FastPlan, Ran, RuleSource};
 use lists::{List, ListKind};
 use manifest::{Amount, Manifest, Mode, OnError, Policy};
-use script::{Ctx, Hit, Names};
+use script::{Ctx, Hit, Names, Vars};
 
 /// The manifest's file name inside a pack folder.
 pub const MANIFEST: &str = "pack.toml";
@@ -170,6 +170,11 @@ impl Pack {
         }
     }
 
+    /// The windows, lists and parameters the scripts resolve by name.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
     /// List membership of one request, and whether it is allow-listed.
     pub fn list_hits(&self, recharge: &Recharge) -> (script::ListHits, bool) {
         let hits: script::ListHits = self
@@ -200,7 +205,6 @@ impl Pack {
             profile: begun.profile,
             lists,
             allowlisted,
-            names: self.names.clone(),
         }
     }
 
@@ -228,7 +232,7 @@ impl Pack {
         }
         // The rule variables hold the context: a copy, made only for packs
         // with rules that read the variables whole, which run in Rhai.
-        let ctx = Arc::new(ctx.clone());
+        let ctx = Arc::new(self.vars(ctx));
         let mut verdict = Verdict::default();
         {
             // The rule variables, for the rules that run the original way:
@@ -258,13 +262,13 @@ impl Pack {
     fn run_borrowed(&self, ctx: &Ctx) -> Verdict {
         let mut verdict = Verdict::default();
         {
-            let mut shared: Option<Arc<Ctx>> = None;
+            let mut shared: Option<Arc<Vars>> = None;
             let mut alone: Option<rhai::Scope> = None;
             // No step reads the variables whole (`needs_shared`).
             let mut vars = || script::scope(None);
             let mut out = |ran: Ran| match ran {
                 Ran::Slow(i) => {
-                    let shared = shared.get_or_insert_with(|| Arc::new(ctx.clone()));
+                    let shared = shared.get_or_insert_with(|| Arc::new(self.vars(ctx)));
                     self.run_alone(i, shared, &mut alone, &mut verdict)
                 }
                 ran => self.settle_ran(ran, &mut verdict),
@@ -274,11 +278,19 @@ impl Pack {
         verdict
     }
 
+    /// The rule variables' copy of a context.
+    fn vars(&self, ctx: &Ctx) -> Vars {
+        Vars {
+            ctx: ctx.clone(),
+            names: self.names.clone(),
+        }
+    }
+
     /// One rule, the original way: its own AST, the rule variables in scope.
     fn run_alone(
         &self,
         i: usize,
-        ctx: &Arc<Ctx>,
+        ctx: &Arc<Vars>,
         scope: &mut Option<rhai::Scope<'static>>,
         verdict: &mut Verdict,
     ) {

@@ -58,7 +58,23 @@ pub struct Ctx {
     /// One flag per pack list, in pack order.
     pub lists: ListHits,
     pub allowlisted: bool,
+}
+
+/// What the rule variables read, for the rules that run in Rhai: a copy of
+/// the request's context, and the pack's names. Made only for them, so a
+/// request on the fast path takes no reference to the names.
+#[derive(Debug)]
+pub struct Vars {
+    pub ctx: Ctx,
     pub names: Arc<Names>,
+}
+
+impl std::ops::Deref for Vars {
+    type Target = Ctx;
+
+    fn deref(&self) -> &Ctx {
+        &self.ctx
+    }
 }
 
 /// One flag per pack list, in pack order; inline up to 16 lists, so a
@@ -70,7 +86,7 @@ pub type ListHits = smallvec::SmallVec<[bool; 16]>;
 macro_rules! view {
     ($($name:ident),*) => {$(
         #[derive(Debug, Clone)]
-        pub struct $name(Arc<Ctx>);
+        pub struct $name(Arc<Vars>);
     )*};
 }
 view!(RequestVar, AccountVar, WindowVar, GeoVar, ProfileVar, ListVar, ParamVar);
@@ -324,7 +340,7 @@ pub fn register_names(engine: &mut Engine, names: &Names) {
 
 /// A scope holding the rule variables, for compiling (strict variables) and
 /// for running (the real values).
-pub fn scope(ctx: Option<&Arc<Ctx>>) -> Scope<'static> {
+pub fn scope(ctx: Option<&Arc<Vars>>) -> Scope<'static> {
     let mut scope = Scope::new();
     match ctx {
         None => {
