@@ -119,17 +119,7 @@ fn action(a: Action) -> i32 {
     .into()
 }
 
-fn reason(r: &Reason) -> pb::Reason {
-    pb::Reason {
-        rule_id: String::from(&*r.rule_id),
-        code: r.code.clone(),
-        message: r.message.clone(),
-        action: action(r.action),
-        score: clamp(r.score),
-    }
-}
-
-fn owned_reason(r: Reason) -> pb::Reason {
+fn reason(r: Reason) -> pb::Reason {
     pb::Reason {
         rule_id: String::from(&*r.rule_id),
         code: r.code,
@@ -143,36 +133,21 @@ fn clamp(score: i64) -> i32 {
     score.clamp(i32::MIN as i64, i32::MAX as i64) as i32
 }
 
-/// The reply for a decision. A decision nothing else holds (a dry run's) is
-/// taken apart, its strings moved into the reply; one that is also kept for
-/// replays is copied.
+/// The reply for a decision. A decision nothing else holds (a dry run's)
+/// is taken apart, its strings moved into the reply; one that is also kept
+/// for replays is copied first.
 pub fn decision_reply(e: Evaluated) -> pb::Decision {
-    let replayed = e.replayed;
-    let d = match Arc::try_unwrap(e.decision) {
-        Ok(d) => {
-            return pb::Decision {
-                request_id: d.request_id,
-                action: action(d.action),
-                challenge: d.challenge,
-                score: clamp(d.score),
-                reasons: d.reasons.into_iter().map(owned_reason).collect(),
-                shadow_reasons: d.shadow_reasons.into_iter().map(owned_reason).collect(),
-                ruleset_version: String::from(&*d.ruleset_version),
-                replayed,
-            }
-        }
-        Err(shared) => shared,
-    };
+    let d = Arc::try_unwrap(e.decision).unwrap_or_else(|kept| (*kept).clone());
     pb::Decision {
-        request_id: d.request_id.clone(),
+        request_id: d.request_id,
         action: action(d.action),
-        challenge: d.challenge.clone(),
+        challenge: d.challenge,
         score: clamp(d.score),
-        reasons: d.reasons.iter().map(reason).collect(),
-        shadow_reasons: d.shadow_reasons.iter().map(reason).collect(),
+        reasons: d.reasons.into_iter().map(reason).collect(),
+        shadow_reasons: d.shadow_reasons.into_iter().map(reason).collect(),
         // `String::from`, not `to_string`: no trip through `Display`.
         ruleset_version: String::from(&*d.ruleset_version),
-        replayed,
+        replayed: e.replayed,
     }
 }
 
