@@ -46,8 +46,9 @@ pub struct Names {
     pub params: HashMap<String, Dynamic>,
 }
 
-/// Everything the rules of one request may read. Built once per request and
-/// shared by every rule through the variables above.
+/// Everything about one request the rules may read. Built once per request;
+/// the fast path reads it in place, and the variables above reach it (with
+/// the pack's names) through [`Vars`].
 #[derive(Debug, Clone)]
 pub struct Ctx {
     pub recharge: Recharge,
