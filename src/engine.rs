@@ -200,7 +200,7 @@ impl Engine {
                     return Err(Conflict(recharge.request_id).into());
                 }
                 if let Some(kept) = entry.settled.get() {
-                    return Ok(Local::Done(replay(&kept.decision)));
+                    return Ok(Local::Done(replay(Arc::new(kept.decision()))));
                 }
             }
             let settled = self.decide_local(store, pack, recharge, false);
@@ -212,18 +212,18 @@ impl Engine {
         let claim = store.claim(&recharge.request_id, fingerprint)?;
         if !claim.fresh {
             return Ok(match claim.entry.settled.get() {
-                Some(kept) => Local::Done(replay(&kept.decision)),
+                Some(kept) => Local::Done(replay(Arc::new(kept.decision()))),
                 None => Local::Deciding(claim.entry, recharge.request_id),
             });
         }
         let deciding = Abandon(&claim.entry);
         let settled = self.decide_local(store, pack, recharge, true);
-        let decision = settled.decision.clone();
-        // This call created the record, so nothing else sets it.
-        let _ = claim.entry.settled.set(KeptDecision::new(settled));
+        // This call created the record, so nothing else sets it. The record
+        // packs its own copy, and the reply takes the decision unshared.
+        let _ = claim.entry.settled.set(KeptDecision::new(&settled));
         drop(deciding);
         Ok(Local::Done(Evaluated {
-            decision,
+            decision: settled.decision,
             replayed: false,
         }))
     }
@@ -282,7 +282,7 @@ impl Engine {
         };
         let (begun, profile, failure) = match opened {
             Ok(Opened::Decide { begun, profile }) => (begun, profile, None),
-            Ok(Opened::Replay(settled)) => return Ok(replay(&settled.decision)),
+            Ok(Opened::Replay(settled)) => return Ok(replay(settled.decision)),
             Ok(Opened::Conflict) => return Err(Conflict(recharge.request_id).into()),
             Ok(Opened::Pending) => unreachable!("waited for above"),
             Err(e) => {
@@ -459,7 +459,7 @@ impl Engine {
                 let entry = m.find(&outcome.request_id).ok_or_else(unknown)?;
                 let kept = entry.settled.get().ok_or_else(unknown)?;
                 check_user(&outcome, kept.facts.user_id())?;
-                let release = releases(outcome.kind, kept.decision.action);
+                let release = releases(outcome.kind, kept.action());
                 let release = match entry.mark_outcome(outcome.kind, release) {
                     OutcomeMark::Fresh { release } => release,
                     OutcomeMark::Seen => return Ok(true),
@@ -635,7 +635,7 @@ async fn wait_for(entry: Arc<IdemEntry>, request_id: String) -> Result<Evaluated
     let started = Instant::now();
     loop {
         if let Some(kept) = entry.settled.get() {
-            return Ok(replay(&kept.decision));
+            return Ok(replay(Arc::new(kept.decision())));
         }
         if entry.is_abandoned() || started.elapsed() >= IN_FLIGHT_WAIT {
             return Err(EngineError::InFlight(request_id));
@@ -644,9 +644,9 @@ async fn wait_for(entry: Arc<IdemEntry>, request_id: String) -> Result<Evaluated
     }
 }
 
-fn replay(decision: &Arc<Decision>) -> Evaluated {
+fn replay(decision: Arc<Decision>) -> Evaluated {
     Evaluated {
-        decision: decision.clone(),
+        decision,
         replayed: true,
     }
 }

@@ -578,12 +578,11 @@ impl Pipeline {
             .claim(&recharge.request_id, fingerprint(&recharge))
             .expect("request ids are unique");
         if let Some(settled) = claim.entry.settled.get() {
-            return settled.decision.clone();
+            return Arc::new(settled.decision());
         }
         let settled = self.decide(recharge, rules, capture);
-        let decision = settled.decision.clone();
-        let _ = claim.entry.settled.set(KeptDecision::new(settled));
-        decision
+        let _ = claim.entry.settled.set(KeptDecision::new(&settled));
+        settled.decision
     }
 
     /// `Engine::decide` with `record = true`.
@@ -649,7 +648,7 @@ impl Pipeline {
                 let Some(kept) = entry.settled.get() else {
                     return;
                 };
-                let release = releases(o.kind, kept.decision.action);
+                let release = releases(o.kind, kept.action());
                 if let OutcomeMark::Fresh { release } = entry.mark_outcome(o.kind, release) {
                     let settled = kept.settled();
                     let ts = o.timestamp_ms;

@@ -11,6 +11,7 @@ use std::thread::LocalKey;
 use dashmap::DashMap;
 use smallvec::SmallVec;
 
+use super::kept::PackedDecision;
 use super::profile::{Profile, ProfileView};
 use super::snapshot::{self, Put, Section, SnapshotError, SnapshotStats};
 use super::window::{Distinct, Series, Shape};
@@ -54,24 +55,35 @@ pub struct Settled {
 /// ([`KeptFacts`]): records live for a day, per request.
 #[derive(Debug)]
 pub struct KeptDecision {
-    pub decision: Arc<Decision>,
+    /// Packed, not shared with the reply (see [`PackedDecision`]).
+    decision: PackedDecision,
     pub facts: KeptFacts,
     pub location: Option<Arc<Location>>,
 }
 
 impl KeptDecision {
-    pub fn new(settled: Settled) -> KeptDecision {
+    pub fn new(settled: &Settled) -> KeptDecision {
         KeptDecision {
+            decision: PackedDecision::pack(&settled.decision),
             facts: KeptFacts::new(&settled.facts),
-            decision: settled.decision,
-            location: settled.location,
+            location: settled.location.clone(),
         }
+    }
+
+    /// The decision, unpacked (replays).
+    pub fn decision(&self) -> Decision {
+        self.decision.unpack()
+    }
+
+    /// The decided action, without unpacking the rest.
+    pub fn action(&self) -> Action {
+        self.decision.action()
     }
 
     /// The decision with its facts unpacked (outcomes).
     pub fn settled(&self) -> Settled {
         Settled {
-            decision: self.decision.clone(),
+            decision: Arc::new(self.decision()),
             facts: self.facts.facts(),
             location: self.location.clone(),
         }
@@ -840,7 +852,7 @@ fn put_idem(enc: &mut snapshot::Enc, key: &str, e: &IdemEntry) {
         None => enc.b.put_u8(0),
         Some(s) => {
             enc.b.put_u8(1);
-            snapshot::put_decision(enc, &s.decision, key);
+            snapshot::put_decision(enc, &s.decision(), key);
             snapshot::put_facts(enc, &s.facts);
             enc.place(s.location.as_deref());
         }
@@ -853,11 +865,11 @@ fn get_idem(r: &mut snapshot::Reader, key: &str) -> Result<IdemEntry, SnapshotEr
     let flags = r.u8()?;
     let settled = match r.u8()? {
         0 => None,
-        1 => Some(KeptDecision {
+        1 => Some(KeptDecision::new(&Settled {
             decision: Arc::new(snapshot::get_decision(r, key)?),
-            facts: KeptFacts::new(&snapshot::get_facts(r)?),
+            facts: snapshot::get_facts(r)?,
             location: r.place()?,
-        }),
+        })),
         other => return Err(r.corrupt(format!("settled flag {other}"))),
     };
     // A request still being decided when the snapshot was written: its

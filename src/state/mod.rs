@@ -6,6 +6,7 @@
 //! their values back at once. In memory that is one shard lock per key; a
 //! Redis backend answers the same call with one round trip.
 
+pub mod kept;
 pub mod memory;
 pub mod profile;
 pub mod redis;
