@@ -51,8 +51,9 @@ pub struct Settled {
 }
 
 /// A decided request as its idempotency record keeps it: the answer to
-/// replay, and what its outcomes need, with the facts packed
-/// ([`KeptFacts`]): records live for a day, per request.
+/// replay, and what its outcomes need, the decision and the facts each
+/// packed into one block ([`PackedDecision`], [`KeptFacts`]): records live
+/// for a day, per request.
 #[derive(Debug)]
 pub struct KeptDecision {
     /// Packed, not shared with the reply (see [`PackedDecision`]).
