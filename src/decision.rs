@@ -26,6 +26,26 @@ impl Action {
             Action::Block => "block",
         }
     }
+
+    /// The action as one byte, in packed forms (snapshots, kept decisions):
+    /// stable, since snapshot files hold it.
+    pub fn code(self) -> u8 {
+        match self {
+            Action::Allow => 0,
+            Action::Challenge => 1,
+            Action::Block => 2,
+        }
+    }
+
+    /// The action of a [`Action::code`]; None for any other byte.
+    pub fn from_code(code: u8) -> Option<Action> {
+        match code {
+            0 => Some(Action::Allow),
+            1 => Some(Action::Challenge),
+            2 => Some(Action::Block),
+            _ => None,
+        }
+    }
 }
 
 /// What one rule reported.

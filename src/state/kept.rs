@@ -37,7 +37,7 @@ impl PackedDecision {
         // reason, and the text.
         let strings = 3 + 4 * n;
         let mut b = Vec::with_capacity(1 + 8 + 4 * strings + 2 * 4 + 9 * n + text);
-        b.push(action_code(d.action));
+        b.push(d.action.code());
         b.extend_from_slice(&d.score.to_le_bytes());
         put_str(&mut b, &d.challenge);
         put_str(&mut b, &d.request_id);
@@ -73,21 +73,10 @@ impl PackedDecision {
     }
 }
 
-fn action_code(a: Action) -> u8 {
-    match a {
-        Action::Allow => 0,
-        Action::Challenge => 1,
-        Action::Block => 2,
-    }
-}
-
-/// The action of a code [`action_code`] wrote (only it writes these bytes).
+/// The action of a code [`PackedDecision::pack`] wrote (only it writes
+/// these bytes, so the fallback is never taken).
 fn action_of(code: u8) -> Action {
-    match code {
-        0 => Action::Allow,
-        1 => Action::Challenge,
-        _ => Action::Block,
-    }
+    Action::from_code(code).unwrap_or(Action::Block)
 }
 
 fn put_str(b: &mut Vec<u8>, s: &str) {
@@ -105,7 +94,7 @@ fn put_reasons(b: &mut Vec<u8>, reasons: &[Reason]) {
         put_str(b, &r.code);
         put_str(b, &r.message);
         put_str(b, &r.challenge);
-        b.push(action_code(r.action));
+        b.push(r.action.code());
         b.extend_from_slice(&r.score.to_le_bytes());
     }
 }

@@ -904,21 +904,9 @@ impl Reader {
     }
 }
 
-fn action_code(a: Action) -> u8 {
-    match a {
-        Action::Allow => 0,
-        Action::Challenge => 1,
-        Action::Block => 2,
-    }
-}
-
 fn get_action(r: &mut Reader) -> Result<Action, SnapshotError> {
-    Ok(match r.u8()? {
-        0 => Action::Allow,
-        1 => Action::Challenge,
-        2 => Action::Block,
-        other => return Err(r.corrupt(format!("unknown action {other}"))),
-    })
+    let code = r.u8()?;
+    Action::from_code(code).ok_or_else(|| r.corrupt(format!("unknown action {code}")))
 }
 
 /// Facts: the high-cardinality fields as strings, the rest as shared ones.
@@ -954,7 +942,7 @@ fn put_reasons(e: &mut Enc, reasons: &[Reason]) {
         e.sym(&r.rule_id);
         e.sym(&r.code);
         e.sym(&r.message);
-        e.b.put_u8(action_code(r.action));
+        e.b.put_u8(r.action.code());
         e.b.put_i64(r.score);
         e.sym(&r.challenge);
     }
@@ -984,7 +972,7 @@ pub fn put_decision(e: &mut Enc, d: &Decision, key: &str) {
     } else {
         &d.request_id
     });
-    e.b.put_u8(action_code(d.action));
+    e.b.put_u8(d.action.code());
     e.sym(&d.challenge);
     e.b.put_i64(d.score);
     put_reasons(e, &d.reasons);
