@@ -284,6 +284,29 @@ mod tests {
     }
 
     #[test]
+    fn live_events_are_those_within_the_span_at_either_end() {
+        let events: Vec<(i64, u64)> = [10, 20, 30, 40].iter().map(|&t| (t, t as u64)).collect();
+        let times = |from, to| {
+            live(&events, from, to)
+                .iter()
+                .map(|e| e.0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(times(0, 50), [10, 20, 30, 40], "all live: no search");
+        assert_eq!(times(10, 40), [10, 20, 30, 40], "both ends included");
+        assert_eq!(times(25, 50), [30, 40], "older ones left out");
+        assert_eq!(
+            times(0, 35),
+            [10, 20, 30],
+            "later ones (late requests) left out"
+        );
+        assert_eq!(times(15, 35), [20, 30]);
+        assert!(times(50, 60).is_empty(), "all too old");
+        assert!(times(0, 5).is_empty(), "all too new");
+        assert!(live(&[], 0, 10).is_empty());
+    }
+
+    #[test]
     fn usual_regions_come_from_recent_history() {
         let beijing = loc("Beijing", 39.9, 116.4);
         let chengdu = loc("Sichuan", 30.7, 104.1);
