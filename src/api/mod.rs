@@ -133,9 +133,10 @@ fn clamp(score: i64) -> i32 {
     score.clamp(i32::MIN as i64, i32::MAX as i64) as i32
 }
 
-/// The reply for a decision. A decision nothing else holds (a dry run's)
-/// is taken apart, its strings moved into the reply; one that is also kept
-/// for replays is copied first.
+/// The reply for a decision. A decision nothing else holds (in memory,
+/// every one: a record packs its own copy) is taken apart, its strings
+/// moved into the reply; one still shared (with a Redis settle in flight)
+/// is copied first.
 pub fn decision_reply(e: Evaluated) -> pb::Decision {
     let d = Arc::try_unwrap(e.decision).unwrap_or_else(|kept| (*kept).clone());
     pb::Decision {
