@@ -458,7 +458,7 @@ impl Engine {
             Store::Memory(m) => {
                 let entry = m.find(&outcome.request_id).ok_or_else(unknown)?;
                 let kept = entry.settled.get().ok_or_else(unknown)?;
-                check_user(&outcome, kept.facts.user_id())?;
+                check_user(&outcome, kept.facts().user_id())?;
                 let release = releases(outcome.kind, kept.action());
                 let release = match entry.mark_outcome(outcome.kind, release) {
                     OutcomeMark::Fresh { release } => release,

@@ -259,67 +259,6 @@ impl Facts {
     }
 }
 
-/// A request's facts packed for keeping: the seven texts back to back in one
-/// allocation. An idempotency record keeps its request's facts for as long
-/// as the record lives (outcomes find the request's windows by them), and as
-/// seven strings they were most of a record's allocations: a fresh server
-/// kept seven more blocks for every request it decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeptFacts {
-    /// The texts, in [`Facts::texts`] order, back to back.
-    texts: Box<str>,
-    /// Where each text but the last ends in `texts`. (Validation bounds
-    /// every text to 128 bytes at most, and a snapshot holds only what was
-    /// validated, so the seven fit in `u32` many times over.)
-    ends: [u32; 6],
-    pub amount: i64,
-    pub timestamp_ms: i64,
-}
-
-impl KeptFacts {
-    pub fn new(f: &Facts) -> KeptFacts {
-        let parts = f.texts();
-        let mut texts = String::with_capacity(parts.iter().map(|p| p.len()).sum());
-        let mut ends = [0u32; 6];
-        for (i, part) in parts.iter().enumerate() {
-            texts.push_str(part);
-            if let Some(end) = ends.get_mut(i) {
-                *end = texts.len() as u32;
-            }
-        }
-        KeptFacts {
-            texts: texts.into_boxed_str(),
-            ends,
-            amount: f.amount,
-            timestamp_ms: f.timestamp_ms,
-        }
-    }
-
-    /// The `i`th text (in the order of [`KeptFacts::texts`]).
-    fn part(&self, i: usize) -> &str {
-        let start = match i {
-            0 => 0,
-            _ => self.ends[i - 1] as usize,
-        };
-        let end = self.ends.get(i).map_or(self.texts.len(), |&e| e as usize);
-        &self.texts[start..end]
-    }
-
-    pub fn user_id(&self) -> &str {
-        self.part(0)
-    }
-
-    /// The texts, in [`Facts::texts`] order.
-    pub fn texts(&self) -> [&str; 7] {
-        std::array::from_fn(|i| self.part(i))
-    }
-
-    /// The facts unpacked (outcomes).
-    pub fn facts(&self) -> Facts {
-        Facts::from_texts(self.texts(), self.amount, self.timestamp_ms)
-    }
-}
-
 impl Login {
     pub fn facts(&self) -> Facts {
         Facts {
@@ -329,55 +268,5 @@ impl Login {
             timestamp_ms: self.timestamp_ms,
             ..Facts::default()
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn facts(texts: [&str; 7]) -> Facts {
-        Facts::from_texts(texts, 12_345, 1_700_000_000_123)
-    }
-
-    #[test]
-    fn kept_facts_give_back_what_they_kept() {
-        let cases = [
-            [
-                "u1",
-                "192.0.2.1",
-                "d1",
-                "13800000000",
-                "wechat",
-                "phone_credit",
-                "CNY",
-            ],
-            // Empty texts anywhere, first and last included.
-            ["", "", "d1", "", "alipay", "", ""],
-            ["", "", "", "", "", "", ""],
-            // Multi-byte text: ends are byte offsets, on char boundaries.
-            [
-                "用户一",
-                "2001:db8::1",
-                "设备",
-                "校园卡 42",
-                "微信",
-                "话费",
-                "CNY",
-            ],
-        ];
-        for texts in cases {
-            let f = facts(texts);
-            let kept = KeptFacts::new(&f);
-            assert_eq!(kept.facts(), f, "{texts:?}");
-            assert_eq!(kept.user_id(), texts[0]);
-            assert_eq!(kept.texts(), texts);
-            assert_eq!((kept.amount, kept.timestamp_ms), (f.amount, f.timestamp_ms));
-        }
-        // Texts that concatenate alike stay apart.
-        let a = KeptFacts::new(&facts(["ab", "c", "", "", "", "", ""]));
-        let b = KeptFacts::new(&facts(["a", "bc", "", "", "", "", ""]));
-        assert_ne!(a, b);
-        assert_eq!(b.facts().ip_text, "bc");
     }
 }

@@ -11,14 +11,14 @@ use std::thread::LocalKey;
 use dashmap::DashMap;
 use smallvec::SmallVec;
 
-use super::kept::PackedDecision;
+use super::kept::{KeptFacts, PackedRecord};
 use super::profile::{Profile, ProfileView};
 use super::snapshot::{self, Put, Section, SnapshotError, SnapshotStats};
 use super::window::{Distinct, Series, Shape};
 use super::{fnv1a, Aggregate, Begun, Conflict, Counts, KeyGroup, Touch, Window, WindowPlan};
 use crate::decision::{Action, Decision};
 use crate::geo::Location;
-use crate::model::{Facts, Field, KeptFacts, Login, OutcomeKind, Recharge};
+use crate::model::{Facts, Field, Login, OutcomeKind, Recharge};
 
 /// Limits of the in-memory store.
 #[derive(Debug, Clone)]
@@ -51,41 +51,43 @@ pub struct Settled {
 }
 
 /// A decided request as its idempotency record keeps it: the answer to
-/// replay, and what its outcomes need, the decision and the facts each
-/// packed into one block ([`PackedDecision`], [`KeptFacts`]): records live
-/// for a day, per request.
+/// replay, and what its outcomes need, the decision and the facts packed
+/// into one block ([`PackedRecord`]): records live for a day, per request.
 #[derive(Debug)]
 pub struct KeptDecision {
-    /// Packed, not shared with the reply (see [`PackedDecision`]).
-    decision: PackedDecision,
-    pub facts: KeptFacts,
+    /// Packed, not shared with the reply (see [`PackedRecord`]).
+    record: PackedRecord,
     pub location: Option<Arc<Location>>,
 }
 
 impl KeptDecision {
     pub fn new(settled: &Settled) -> KeptDecision {
         KeptDecision {
-            decision: PackedDecision::pack(&settled.decision),
-            facts: KeptFacts::new(&settled.facts),
+            record: PackedRecord::pack(&settled.decision, &settled.facts),
             location: settled.location.clone(),
         }
     }
 
     /// The decision, unpacked (replays).
     pub fn decision(&self) -> Decision {
-        self.decision.unpack()
+        self.record.decision()
     }
 
     /// The decided action, without unpacking the rest.
     pub fn action(&self) -> Action {
-        self.decision.action()
+        self.record.action()
+    }
+
+    /// The request's facts, read in place.
+    pub fn facts(&self) -> KeptFacts<'_> {
+        self.record.facts()
     }
 
     /// The decision with its facts unpacked (outcomes).
     pub fn settled(&self) -> Settled {
         Settled {
             decision: Arc::new(self.decision()),
-            facts: self.facts.facts(),
+            facts: self.facts().facts(),
             location: self.location.clone(),
         }
     }
@@ -854,7 +856,7 @@ fn put_idem(enc: &mut snapshot::Enc, key: &str, e: &IdemEntry) {
         Some(s) => {
             enc.b.put_u8(1);
             snapshot::put_decision(enc, &s.decision(), key);
-            snapshot::put_facts(enc, &s.facts);
+            snapshot::put_facts(enc, &s.facts());
             enc.place(s.location.as_deref());
         }
     }

@@ -60,7 +60,8 @@ use std::sync::Arc;
 use super::profile::Profile;
 use crate::decision::{Action, Decision, Reason};
 use crate::geo::Location;
-use crate::model::{Facts, KeptFacts};
+use crate::model::Facts;
+use crate::state::kept::KeptFacts;
 
 /// The format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -910,7 +911,7 @@ fn get_action(r: &mut Reader) -> Result<Action, SnapshotError> {
 }
 
 /// Facts: the high-cardinality fields as strings, the rest as shared ones.
-pub fn put_facts(e: &mut Enc, f: &KeptFacts) {
+pub fn put_facts(e: &mut Enc, f: &KeptFacts<'_>) {
     let [user_id, ip_text, device_id, target, channel, product, currency] = f.texts();
     for s in [user_id, ip_text, device_id, target] {
         e.b.put_str(s);
@@ -1275,8 +1276,8 @@ mod tests {
         let entry = b.find("r2").unwrap();
         let settled = entry.settled.get().unwrap();
         assert_eq!(settled.decision(), decision("r2", Action::Allow));
-        assert_eq!(settled.facts.timestamp_ms, t0 + 2 * MIN);
-        assert_eq!(settled.facts.facts().device_id, "d0");
+        assert_eq!(settled.facts().timestamp_ms, t0 + 2 * MIN);
+        assert_eq!(settled.facts().facts().device_id, "d0");
         assert_eq!(settled.location.as_deref(), Some(&loc));
         assert_eq!(
             entry.mark_outcome(OutcomeKind::Succeeded, false),
