@@ -292,15 +292,7 @@ mod tests {
             shadow_reasons: vec![reason("new_rule", "NEW_RULE", Action::Block, 0, "")],
             ruleset_version: Arc::from("612ccb1b4aea51ba"),
         };
-        let f = facts([
-            "u1",
-            "192.0.2.1",
-            "d1",
-            "13800000000",
-            "wechat",
-            "phone_credit",
-            "CNY",
-        ]);
+        let f = facts(TEXTS);
         let packed = PackedRecord::pack(&d, &f);
         assert_eq!(packed.action(), Action::Challenge);
         assert_eq!(packed.decision(), d);
@@ -327,6 +319,17 @@ mod tests {
         }
     }
 
+    /// A request's texts, in [`Facts::texts`] order.
+    const TEXTS: [&str; 7] = [
+        "u1",
+        "192.0.2.1",
+        "d1",
+        "13800000000",
+        "wechat",
+        "phone_credit",
+        "CNY",
+    ];
+
     fn facts(texts: [&str; 7]) -> Facts {
         Facts::from_texts(texts, 12_345, 1_700_000_000_123)
     }
@@ -346,15 +349,7 @@ mod tests {
     #[test]
     fn kept_facts_give_back_what_they_kept() {
         let cases = [
-            [
-                "u1",
-                "192.0.2.1",
-                "d1",
-                "13800000000",
-                "wechat",
-                "phone_credit",
-                "CNY",
-            ],
+            TEXTS,
             // Empty texts anywhere, first and last included.
             ["", "", "d1", "", "alipay", "", ""],
             ["", "", "", "", "", "", ""],
