@@ -200,7 +200,7 @@ impl Engine {
                     return Err(Conflict(recharge.request_id).into());
                 }
                 if let Some(kept) = entry.settled.get() {
-                    return Ok(Local::Done(replay(Arc::new(kept.decision()))));
+                    return Ok(Local::Done(replay_kept(kept)));
                 }
             }
             let settled = self.decide_local(store, pack, recharge, false);
@@ -212,7 +212,7 @@ impl Engine {
         let claim = store.claim(&recharge.request_id, fingerprint)?;
         if !claim.fresh {
             return Ok(match claim.entry.settled.get() {
-                Some(kept) => Local::Done(replay(Arc::new(kept.decision()))),
+                Some(kept) => Local::Done(replay_kept(kept)),
                 None => Local::Deciding(claim.entry, recharge.request_id),
             });
         }
@@ -635,13 +635,18 @@ async fn wait_for(entry: Arc<IdemEntry>, request_id: String) -> Result<Evaluated
     let started = Instant::now();
     loop {
         if let Some(kept) = entry.settled.get() {
-            return Ok(replay(Arc::new(kept.decision())));
+            return Ok(replay_kept(kept));
         }
         if entry.is_abandoned() || started.elapsed() >= IN_FLIGHT_WAIT {
             return Err(EngineError::InFlight(request_id));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// A kept record's answer, unpacked for a retry of its request id.
+fn replay_kept(kept: &KeptDecision) -> Evaluated {
+    replay(Arc::new(kept.decision()))
 }
 
 fn replay(decision: Arc<Decision>) -> Evaluated {
