@@ -27,6 +27,7 @@ OPEN="${OPEN:-4:1/4 4:1/2 1:1/4 4:50000}"
 CLIENT_CPUS="${CLIENT_CPUS:-8-14}"
 SECS="${SECS:-5}"
 BODY="${BODY:-}"
+[ -n "$BODY" ] || echo "no BODY: the h2load rows are skipped (BODY=target/bench/body.bin, which bench-grpc.sh writes)" >&2
 PORT=50096
 mkdir -p "$OUT"
 SERVER=""

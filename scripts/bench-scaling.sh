@@ -7,7 +7,8 @@
 #   bash scripts/bench-scaling.sh [BIN] [SECONDS] [OUT]
 #
 # Cores: server on 0..N-1, load generator on CLIENT_CPUS (default 8-14),
-# redis-server on REDIS_CPU (default 15).
+# redis-server on REDIS_CPU (default 15). h2load runs only with BODY set: the
+# dry-run request as a gRPC frame (bench-grpc.sh writes target/bench/body.bin).
 set -euo pipefail
 BIN="${1:-target/release/riskgate}"
 SECS="${2:-6}"
@@ -81,6 +82,7 @@ done
 # h2load, an independent client in C (BODY: a prebuilt gRPC frame of a
 # dry-run EvaluateRequest, as scripts/bench-grpc.sh builds it).
 BODY="${BODY:-}"
+[ -n "$BODY" ] || echo "no BODY: the h2load rows are skipped (BODY=target/bench/body.bin)" >&2
 if command -v h2load >/dev/null && [ -n "$BODY" ]; then
     threads=$(taskset -c "$CLIENT_CPUS" nproc)
     for n in 1 2 4 8; do
