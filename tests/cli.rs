@@ -79,6 +79,16 @@ file = "c.rhai"
 [limits]
 max_operations = 0
 max_string_size = 100000000
+
+[windows.blink]
+key = ["user_id"]
+aggregate = "count"
+span = "500ms"
+
+[windows.eon]
+key = ["device_id"]
+aggregate = "count"
+span = "32d"
 "#,
     )
     .unwrap();
@@ -106,6 +116,8 @@ max_string_size = 100000000
         "b.rhai:1:9:",
         "pack.toml:31:1: limits.max_operations must be from 1 to 1000000, not 0",
         "pack.toml:32:1: limits.max_string_size must be from 256 to 1048576, not 100000000",
+        "pack.toml:34:1: window `blink`: span is shorter than 1 second",
+        "pack.toml:39:1: window `eon`: span is longer than 31 days",
         "c.rhai:2:3: code `burst-freq` must be UPPER_SNAKE_CASE",
         "c.rhai:4:3: `flag` takes a code and a message",
     ] {
@@ -114,7 +126,7 @@ max_string_size = 100000000
             "missing `{expected}` in:\n{stdout}"
         );
     }
-    assert!(stdout.contains("11 problem(s)"), "{stdout}");
+    assert!(stdout.contains("13 problem(s)"), "{stdout}");
 }
 
 #[test]

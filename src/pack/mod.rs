@@ -562,6 +562,11 @@ fn load_inner(dir: &Path, problems: &mut Vec<Problem>) -> Option<Pack> {
             ));
             60_000
         });
+        // Buckets are whole seconds (see `Shape`): a shorter span would
+        // quietly count over a second, which is not what the pack says.
+        if span < 1_000 {
+            bad("span is shorter than 1 second".into());
+        }
         if span > 31 * 86_400_000 {
             bad("span is longer than 31 days".into());
         }
