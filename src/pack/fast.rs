@@ -1147,6 +1147,106 @@ file = "block.txt"
         assert!(errors.contains(&"div0".to_string()), "{errors:?}");
     }
 
+    /// Conditions are compiled to closures made for their shape (see
+    /// `compiled::Cond`): every integer comparison, each operator with each
+    /// kind of operand on each side, answers what Rust answers on the same
+    /// values; and every other shape of condition, errors included, what
+    /// Rhai answers.
+    #[test]
+    fn compiled_conditions_are_rhais() {
+        // Operands, and their values for a request of `amount` (see `ctx`:
+        // the pack's windows are in name order, `s` then `w`).
+        type Value = fn(i64) -> i64;
+        type Compare = fn(i64, i64) -> bool;
+        let operands: [(&str, Value); 5] = [
+            ("request.amount", |a| a),
+            ("window.s", |a| a / 100),
+            ("window.w", |a| a),
+            ("500", |_| 500),
+            ("param.limit", |_| 5),
+        ];
+        let ops: [(&str, Compare); 6] = [
+            ("==", |a, b| a == b),
+            ("!=", |a, b| a != b),
+            ("<", |a, b| a < b),
+            ("<=", |a, b| a <= b),
+            (">", |a, b| a > b),
+            (">=", |a, b| a >= b),
+        ];
+        let mut rules = Vec::new();
+        let mut expected: Vec<(String, Value, Value, Compare)> = Vec::new();
+        for (a, fa) in operands {
+            for (b, fb) in operands {
+                for (op, test) in ops {
+                    let code = format!("C{}", rules.len());
+                    rules.push((
+                        code.to_lowercase(),
+                        format!("if {a} {op} {b} {{ flag(\"{code}\", \"\") }}"),
+                    ));
+                    expected.push((code, fa, fb, test));
+                }
+            }
+        }
+        let others = [
+            "if profile.travel_km > 1000 && account.age_days < param.limit { flag(\"FLOATS\", \"\") }",
+            "if !list.b || list.user_allow == false { flag(\"BOOLS\", \"\") }",
+            "if geo.known || request.amount > 900 && !account.real_name_verified { flag(\"PRECEDENCE\", \"\") }",
+            "let big = request.amount > 900; if big && request.target != \"\" { flag(\"LOCAL\", \"\") }",
+            "if request.channel == \"wechat\" && account.status != \"frozen\" { flag(\"STRINGS\", \"\") }",
+            "if (request.amount > 900) == true { flag(\"COMPARED\", \"\") }",
+            "if request.amount / 3 >= window.s * 30 { flag(\"ARITH\", \"\") }",
+            // Errors: Rhai's own, as rule by rule reports them.
+            "if request.target { flag(\"NOT_BOOL\", \"\") }",
+            "if request.amount > 900 && request.amount { flag(\"AND_NOT_BOOL\", \"\") }",
+            // No error: Rhai's `<` of an integer and a string is false.
+            "if request.amount < \"5\" { flag(\"INT_STR\", \"\") }",
+        ];
+        for (i, script) in others.iter().enumerate() {
+            rules.push((format!("other{i}"), script.to_string()));
+        }
+        let specs: Vec<(&str, &str, &str)> = rules
+            .iter()
+            .map(|(id, script)| (id.as_str(), script.as_str(), ""))
+            .collect();
+        let p = pack(&specs);
+        assert_eq!(p.fast_coverage(), (rules.len(), 0, 0));
+        let verdicts = agree(&p);
+        for (verdict, amount) in verdicts.iter().zip([100, 999, 500, 12_345, 12_346]) {
+            let fired: Vec<&str> = verdict.reasons.iter().map(|r| r.code.as_str()).collect();
+            for (code, fa, fb, test) in &expected {
+                assert_eq!(
+                    fired.contains(&code.as_str()),
+                    test(fa(amount), fb(amount)),
+                    "{code} at {amount}"
+                );
+            }
+        }
+        let fired = |code: &str| {
+            verdicts
+                .iter()
+                .any(|v| v.reasons.iter().any(|r| r.code == code))
+        };
+        for code in [
+            "FLOATS",
+            "BOOLS",
+            "PRECEDENCE",
+            "LOCAL",
+            "STRINGS",
+            "COMPARED",
+            "ARITH",
+        ] {
+            assert!(fired(code), "{code}");
+        }
+        let errors: Vec<String> = verdicts[1]
+            .reasons
+            .iter()
+            .filter(|r| r.code == crate::pack::RULE_ERROR)
+            .map(|r| r.rule_id.to_string())
+            .collect();
+        assert_eq!(errors, ["other7", "other8"]);
+        assert!(!fired("INT_STR"));
+    }
+
     #[test]
     fn failing_rules_are_attributed_exactly() {
         let p = pack(&[
