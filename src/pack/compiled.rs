@@ -165,7 +165,7 @@ enum E {
     Neg(Box<E>),
     Bin(BinOp, Box<E>, Box<E>),
     Call(Fun, Vec<E>),
-    Block(Vec<S>),
+    Block(Run),
 }
 
 #[derive(Debug)]
@@ -232,7 +232,7 @@ impl Operand {
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Program {
-    body: Vec<S>,
+    body: Run,
     /// Local variable slots.
     pub slots: usize,
 }
@@ -301,7 +301,7 @@ impl Compiler<'_> {
             return None;
         }
         Some(Program {
-            body,
+            body: Run::block(body),
             slots: st.slots,
         })
     }
@@ -443,7 +443,7 @@ impl State<'_> {
             Expr::Or(x, _) => E::Test(Cond::or(
                 x.iter().map(|e| self.expr(e)).collect::<Option<_>>()?,
             )),
-            Expr::Stmt(b) => E::Block(self.block(b.statements())?),
+            Expr::Stmt(b) => E::Block(Run::block(self.block(b.statements())?)),
             Expr::FnCall(f, _) => self.call(f, None)?,
             Expr::Dot(x, ..) => {
                 // receiver.method(..).method(..)
@@ -678,17 +678,7 @@ impl Program {
         if frame.locals.len() < self.slots {
             frame.locals.resize(self.slots, Value::Unit);
         }
-        // Most rules are one `if` with no `else`, whose condition is false
-        // on most requests: tested here, without the walk's two calls.
-        let ran = match self.body.as_slice() {
-            [S::If(cond, then, otherwise)] if otherwise.is_empty() => match cond.test(frame) {
-                Ok(true) => block(then, frame),
-                Ok(false) => Ok(Value::Unit),
-                Err(stop) => Err(stop),
-            },
-            body => block(body, frame),
-        };
-        match ran {
+        match self.body.run(frame) {
             Ok(v) => Some(v),
             Err(Stop::Return) => frame.returned.take(),
             Err(Stop::Bail) => None,
@@ -696,96 +686,126 @@ impl Program {
     }
 }
 
-fn block(stmts: &[S], f: &mut Frame) -> Eval {
-    let Some((last, init)) = stmts.split_last() else {
-        return Ok(Value::Unit);
+/// A statement or a block, compiled to a closure, as conditions are (see
+/// [`Cond`]): most rules are one `if` whose condition is false on most
+/// requests, and running one is then a call for the `if` and one for its
+/// condition, with no walk over statement kinds and block shapes.
+struct Run(Box<Step>);
+
+type Step = dyn Fn(&mut Frame<'_>) -> Eval + Send + Sync;
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Run")
+    }
+}
+
+impl Run {
+    #[inline]
+    fn run(&self, f: &mut Frame<'_>) -> Eval {
+        (self.0)(f)
+    }
+
+    fn new(step: impl Fn(&mut Frame<'_>) -> Eval + Send + Sync + 'static) -> Run {
+        Run(Box::new(step))
+    }
+
+    /// Statements in order; the value is the last one's (`()` for none).
+    fn block(stmts: Vec<S>) -> Run {
+        let mut runs: Vec<Run> = stmts.into_iter().map(Run::stmt).collect();
+        match runs.len() {
+            0 => Run::new(|_| Ok(Value::Unit)),
+            1 => runs.pop().unwrap(),
+            _ => {
+                let last = runs.pop().unwrap();
+                Run::new(move |f| {
+                    for r in &runs {
+                        r.run(f)?;
+                    }
+                    last.run(f)
+                })
+            }
+        }
+    }
+
+    fn stmt(s: S) -> Run {
+        match s {
+            S::Expr(E::Const(Value::Unit)) => Run::new(|_| Ok(Value::Unit)),
+            S::Expr(e) => Run::new(move |f| eval(&e, f)),
+            S::Let(slot, e) => Run::new(move |f| {
+                let v = eval(&e, f)?;
+                f.locals[slot] = v;
+                Ok(Value::Unit)
+            }),
+            S::If(cond, then, otherwise) => {
+                let then = Run::block(then);
+                if otherwise.is_empty() {
+                    Run::new(move |f| {
+                        if cond.test(f)? {
+                            then.run(f)
+                        } else {
+                            Ok(Value::Unit)
+                        }
+                    })
+                } else {
+                    let otherwise = Run::block(otherwise);
+                    Run::new(move |f| {
+                        if cond.test(f)? {
+                            then.run(f)
+                        } else {
+                            otherwise.run(f)
+                        }
+                    })
+                }
+            }
+            S::Block(b) => Run::block(b),
+            S::Return(e) => Run::new(move |f| {
+                let v = eval(&e, f)?;
+                f.returned = Some(v);
+                Err(Stop::Return)
+            }),
+            S::Switch(sw) => Run::new(move |f| switch(&sw, f)),
+        }
+    }
+}
+
+fn switch(sw: &Switch, f: &mut Frame) -> Eval {
+    // A string feature is compared where it lies (it borrows the request,
+    // not the frame); anything else is evaluated.
+    let (ctx, defs) = (f.ctx, f.defs);
+    let in_place = match &sw.value {
+        E::Feature(i) => defs.get(*i).and_then(|d| d.text(ctx)),
+        _ => None,
     };
-    for s in init {
-        effect(s, f)?;
-    }
-    stmt(last, f)
-}
-
-/// A statement whose value is not used.
-fn effect(s: &S, f: &mut Frame) -> Result<(), Stop> {
-    match s {
-        S::If(cond, then, otherwise) => {
-            if cond.test(f)? {
-                block(then, f)?;
-            } else {
-                block(otherwise, f)?;
-            }
-            Ok(())
-        }
-        S::Let(slot, e) => {
-            let v = eval(e, f)?;
-            f.locals[*slot] = v;
-            Ok(())
-        }
-        s => stmt(s, f).map(|_| ()),
-    }
-}
-
-fn stmt(s: &S, f: &mut Frame) -> Eval {
-    match s {
-        S::Expr(e) => eval(e, f),
-        S::Let(slot, e) => {
-            let v = eval(e, f)?;
-            f.locals[*slot] = v;
-            Ok(Value::Unit)
-        }
-        S::If(cond, then, otherwise) => {
-            if cond.test(f)? {
-                block(then, f)
-            } else {
-                block(otherwise, f)
-            }
-        }
-        S::Block(b) => block(b, f),
-        S::Return(e) => {
-            let v = eval(e, f)?;
-            f.returned = Some(v);
-            Err(Stop::Return)
-        }
-        S::Switch(sw) => {
-            // A string feature is compared where it lies (it borrows the
-            // request, not the frame); anything else is evaluated.
-            let (ctx, defs) = (f.ctx, f.defs);
-            let in_place = match &sw.value {
-                E::Feature(i) => defs.get(*i).and_then(|d| d.text(ctx)),
-                _ => None,
+    let owned;
+    let value = match in_place {
+        Some(text) => text,
+        None => {
+            owned = match eval(&sw.value, f)? {
+                Value::Str(s) => s,
+                _ => return Err(Stop::Bail),
             };
-            let owned;
-            let value = match in_place {
-                Some(text) => text,
-                None => {
-                    owned = match eval(&sw.value, f)? {
-                        Value::Str(s) => s,
-                        _ => return Err(Stop::Bail),
-                    };
-                    owned.as_str()
-                }
-            };
-            for (literal, cond, body) in &sw.cases {
-                let Value::Str(l) = literal else {
-                    return Err(Stop::Bail);
-                };
-                if l.as_str() != value {
-                    continue;
-                }
-                let taken = match cond {
-                    None => true,
-                    Some(c) => truth(c, f)?,
-                };
-                if taken {
-                    return eval(body, f);
-                }
-            }
-            match &sw.default {
-                Some(d) => eval(d, f),
-                None => Ok(Value::Unit),
-            }
+            owned.as_str()
         }
+    };
+    for (literal, cond, body) in &sw.cases {
+        let Value::Str(l) = literal else {
+            return Err(Stop::Bail);
+        };
+        if l.as_str() != value {
+            continue;
+        }
+        let taken = match cond {
+            None => true,
+            Some(c) => truth(c, f)?,
+        };
+        if taken {
+            return eval(body, f);
+        }
+    }
+    match &sw.default {
+        Some(d) => eval(d, f),
+        None => Ok(Value::Unit),
     }
 }
 
@@ -1070,7 +1090,7 @@ fn eval(e: &E, f: &mut Frame) -> Eval {
             }
             call(*fun, vals).ok_or(Stop::Bail)?
         }
-        E::Block(b) => block(b, f)?,
+        E::Block(b) => b.run(f)?,
     })
 }
 
