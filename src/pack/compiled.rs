@@ -7,10 +7,10 @@
 //!
 //! Why: even with features resolved, Rhai's tree walker spends a few
 //! hundred instructions on every node (a comparison is a function call with
-//! its arguments collected into `Dynamic`s). These nodes cost a few, and
-//! the conditions of `if`s, which run on every request where the rest of a
-//! rule runs only when it fires, are compiled once more, to closures (see
-//! [`Cond`]).
+//! its arguments collected into `Dynamic`s). These nodes cost a few. The
+//! statements and the conditions, which run on every request (what a rule
+//! computes for its hit runs only when it fires), are compiled once more,
+//! to closures made for their shape ([`Run`], [`Cond`]).
 //!
 //! Exactness: a compiled rule never decides anything Rhai would not. Every
 //! operation here is Rhai's own for the types it handles (the checked
@@ -690,9 +690,9 @@ impl Program {
 /// [`Cond`]): most rules are one `if` whose condition is false on most
 /// requests, and running one is then a call for the `if` and one for its
 /// condition, with no walk over statement kinds and block shapes.
-struct Run(Box<Step>);
+struct Run(Box<RunFn>);
 
-type Step = dyn Fn(&mut Frame<'_>) -> Eval + Send + Sync;
+type RunFn = dyn Fn(&mut Frame<'_>) -> Eval + Send + Sync;
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -809,11 +809,12 @@ fn switch(sw: &Switch, f: &mut Frame) -> Eval {
     }
 }
 
-/// An expression that must be a boolean (an `if`, `&&`, `||`, `!`
-/// operand): Rhai's type mismatch otherwise.
+/// An expression that must be a boolean (a `switch` case's condition, or a
+/// comparison's value; an `if`'s condition and the operands of `&&`, `||`
+/// and `!` are [`Cond`]s): Rhai's type mismatch otherwise.
 ///
-/// Only the common nodes are here, so that this function, called for
-/// every condition, stays small; the rest is [`truth_general`].
+/// Only the common nodes are here, so that this function stays small; the
+/// rest is [`truth_general`].
 fn truth(e: &E, f: &mut Frame) -> Result<bool, Stop> {
     match e {
         E::Cmp(c) => match c.ints {
@@ -864,9 +865,9 @@ fn truth_general(e: &E, f: &mut Frame) -> Result<bool, Stop> {
 /// else), so testing it costs one indirect call a node. What it answers is
 /// exactly what [`truth`] answers on the same node, error for error: the
 /// shapes not specialized here call [`truth_general`] as it would.
-struct Cond(Box<Test>);
+struct Cond(Box<CondFn>);
 
-type Test = dyn Fn(&mut Frame<'_>) -> Result<bool, Stop> + Send + Sync;
+type CondFn = dyn Fn(&mut Frame<'_>) -> Result<bool, Stop> + Send + Sync;
 
 impl std::fmt::Debug for Cond {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
