@@ -347,7 +347,7 @@ impl State<'_> {
                 S::Let(slot, value)
             }
             Stmt::If(x, _) => S::If(
-                Cond::of(self.expr(&x.expr)?),
+                Cond::of(self.expr(&x.expr)?, self.features),
                 self.block(x.body.statements())?,
                 self.block(x.branch.statements())?,
             ),
@@ -439,9 +439,11 @@ impl State<'_> {
             }
             Expr::And(x, _) => E::Test(Cond::and(
                 x.iter().map(|e| self.expr(e)).collect::<Option<_>>()?,
+                self.features,
             )),
             Expr::Or(x, _) => E::Test(Cond::or(
                 x.iter().map(|e| self.expr(e)).collect::<Option<_>>()?,
+                self.features,
             )),
             Expr::Stmt(b) => E::Block(Run::block(self.block(b.statements())?)),
             Expr::FnCall(f, _) => self.call(f, None)?,
@@ -490,7 +492,7 @@ impl State<'_> {
             ("*", 2) => bin(BinOp::Mul, args)?,
             ("/", 2) => bin(BinOp::Div, args)?,
             ("%", 2) => bin(BinOp::Rem, args)?,
-            ("!", 1) => E::Test(Cond::not(one(args)?)),
+            ("!", 1) => E::Test(Cond::not(one(args)?, self.features)),
             ("-", 1) => E::Neg(Box::new(one(args)?)),
             ("block", 2) => E::Call(Fun::Hit(Action::Block, false), args),
             ("challenge", 2) => E::Call(Fun::Hit(Action::Challenge, false), args),
@@ -885,8 +887,9 @@ impl Cond {
         Cond(Box::new(test))
     }
 
-    /// The condition `e`, node for node what [`truth`] does with it.
-    fn of(e: E) -> Cond {
+    /// The condition `e` (reading `features`), node for node what [`truth`]
+    /// does with it.
+    fn of(e: E, features: &[Feature]) -> Cond {
         match e {
             E::Cmp(c) => match c.ints {
                 Some((a, b)) => int_compare(c.op, a, b),
@@ -913,21 +916,28 @@ impl Cond {
             }),
             E::Test(c) => c,
             E::Bin(op, a, b) if op.compares() => {
-                Cond::new(move |f| compare_in_place(op, &a, &b, f))
+                match (Text::of(&a, features), Text::of(&b, features)) {
+                    // Two strings where they lie: `compare_in_place`'s
+                    // answer, with no look at what else they could be.
+                    (Some(x), Some(y)) => Cond::new(move |f| {
+                        ordered(op, x.read(f.ctx), y.read(f.ctx)).ok_or(Stop::Bail)
+                    }),
+                    _ => Cond::new(move |f| compare_in_place(op, &a, &b, f)),
+                }
             }
             e => Cond::new(move |f| truth_general(&e, f)),
         }
     }
 
     /// `!x`.
-    fn not(x: E) -> Cond {
-        let x = Cond::of(x);
+    fn not(x: E, features: &[Feature]) -> Cond {
+        let x = Cond::of(x, features);
         Cond::new(move |f| Ok(!x.test(f)?))
     }
 
     /// `a && b && ...`: in order, stopping at the first false (or error).
-    fn and(xs: Vec<E>) -> Cond {
-        let mut xs: Vec<Cond> = xs.into_iter().map(Cond::of).collect();
+    fn and(xs: Vec<E>, features: &[Feature]) -> Cond {
+        let mut xs: Vec<Cond> = xs.into_iter().map(|x| Cond::of(x, features)).collect();
         match xs.len() {
             2 => {
                 let (b, a) = (xs.pop().unwrap(), xs.pop().unwrap());
@@ -949,8 +959,8 @@ impl Cond {
     }
 
     /// `a || b || ...`: in order, stopping at the first true (or error).
-    fn or(xs: Vec<E>) -> Cond {
-        let xs: Vec<Cond> = xs.into_iter().map(Cond::of).collect();
+    fn or(xs: Vec<E>, features: &[Feature]) -> Cond {
+        let xs: Vec<Cond> = xs.into_iter().map(|x| Cond::of(x, features)).collect();
         Cond::new(move |f| {
             for x in &xs {
                 if x.test(f)? {
@@ -959,6 +969,31 @@ impl Cond {
             }
             Ok(false)
         })
+    }
+}
+
+/// A string operand where it lies: a literal, or a string feature of the
+/// request or its location.
+enum Text {
+    Const(ImmutableString),
+    Field(fn(&Ctx) -> &str),
+}
+
+impl Text {
+    fn of(e: &E, features: &[Feature]) -> Option<Text> {
+        match e {
+            E::Const(Value::Str(s)) => Some(Text::Const(s.clone())),
+            E::Feature(i) => features.get(*i)?.text_reader().map(Text::Field),
+            _ => None,
+        }
+    }
+
+    #[inline]
+    fn read<'a>(&'a self, ctx: &'a Ctx) -> &'a str {
+        match self {
+            Text::Const(s) => s,
+            Text::Field(get) => get(ctx),
+        }
     }
 }
 
@@ -1065,10 +1100,13 @@ fn eval(e: &E, f: &mut Frame) -> Eval {
             for p in parts {
                 match eval(p, f)? {
                     Value::Str(x) => s.push_str(&x),
-                    Value::Int(n) => s.push_str(&n.to_string()),
+                    Value::Int(n) => s.push_str(itoa::Buffer::new().format(n)),
                     Value::Bool(b) => s.push_str(if b { "true" } else { "false" }),
                     Value::Unit => {}
-                    Value::Float(x) => s.push_str(&rhai::FloatWrapper::new(x).to_string()),
+                    Value::Float(x) => {
+                        use std::fmt::Write;
+                        let _ = write!(s, "{}", rhai::FloatWrapper::new(x));
+                    }
                     Value::Hit(_) => return Err(Stop::Bail),
                 }
                 if f.max_string > 0 && s.len() > f.max_string {
@@ -1085,7 +1123,8 @@ fn eval(e: &E, f: &mut Frame) -> Eval {
         },
         E::Bin(op, a, b) => binary_in_place(*op, a, b, f)?,
         E::Call(fun, args) => {
-            let mut vals = Vec::with_capacity(args.len());
+            // Every function here takes one or two arguments: on the stack.
+            let mut vals = Args::new();
             for a in args {
                 vals.push(eval(a, f)?);
             }
@@ -1207,7 +1246,10 @@ fn float(op: BinOp, x: f64, y: f64) -> Option<Value> {
     }))
 }
 
-fn call(fun: Fun, args: Vec<Value>) -> Option<Value> {
+/// A call's arguments.
+type Args = smallvec::SmallVec<[Value; 2]>;
+
+fn call(fun: Fun, args: Args) -> Option<Value> {
     let mut args = args.into_iter();
     let mut next = || args.next();
     Some(match fun {

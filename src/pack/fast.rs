@@ -256,24 +256,29 @@ impl Feature {
     /// The text of a string feature of the request or its location, where
     /// it lies (compared in place, no string made); `None` for the others.
     pub fn text<'c>(&self, ctx: &'c Ctx) -> Option<&'c str> {
+        Some(self.text_reader()?(ctx))
+    }
+
+    /// Where the text of a string feature lies, for the others `None`: as
+    /// [`Feature::reader`] is for numbers and booleans.
+    pub fn text_reader(&self) -> Option<fn(&Ctx) -> &str> {
         use Feature::*;
-        let r = &ctx.recharge;
-        let f = &r.facts;
-        Some(match self {
-            RequestId => &r.request_id,
-            UserId => &f.user_id,
-            Currency => &f.currency,
-            Channel => &f.channel,
-            Product => &f.product,
-            Target => &f.target,
-            Ip => &f.ip_text,
-            DeviceId => &f.device_id,
-            Status => r.account.status.name(),
-            Country => script::location_str(ctx, |l| &l.country),
-            Region => script::location_str(ctx, |l| &l.region),
-            City => script::location_str(ctx, |l| &l.city),
+        let read: fn(&Ctx) -> &str = match self {
+            RequestId => |c| &c.recharge.request_id,
+            UserId => |c| &c.recharge.facts.user_id,
+            Currency => |c| &c.recharge.facts.currency,
+            Channel => |c| &c.recharge.facts.channel,
+            Product => |c| &c.recharge.facts.product,
+            Target => |c| &c.recharge.facts.target,
+            Ip => |c| &c.recharge.facts.ip_text,
+            DeviceId => |c| &c.recharge.facts.device_id,
+            Status => |c| c.recharge.account.status.name(),
+            Country => |c| script::location_str(c, |l| &l.country),
+            Region => |c| script::location_str(c, |l| &l.region),
+            City => |c| script::location_str(c, |l| &l.city),
             _ => return None,
-        })
+        };
+        Some(read)
     }
 }
 
