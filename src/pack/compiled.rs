@@ -708,8 +708,8 @@ impl Run {
         (self.0)(f)
     }
 
-    fn new(step: impl Fn(&mut Frame<'_>) -> Eval + Send + Sync + 'static) -> Run {
-        Run(Box::new(step))
+    fn new(run: impl Fn(&mut Frame<'_>) -> Eval + Send + Sync + 'static) -> Run {
+        Run(Box::new(run))
     }
 
     /// Statements in order; the value is the last one's (`()` for none).
@@ -857,7 +857,8 @@ fn truth_general(e: &E, f: &mut Frame) -> Result<bool, Stop> {
     }
 }
 
-/// The condition of an `if`, compiled to a closure when the rule compiles.
+/// A condition (of an `if`, or an `&&`, `||` or `!` anywhere), compiled to
+/// a closure when the rule compiles.
 ///
 /// Why: walking a condition's nodes, [`truth`] dispatches on the node, then
 /// on each operand's kind, then on the operator, and most of those

@@ -793,6 +793,7 @@ max_operations = 2000
 [params]
 limit = 5
 label = "a string parameter"
+on = true
 
 [windows.w]
 key = ["user_id"]
@@ -1200,6 +1201,11 @@ file = "block.txt"
             "if request.channel == \"wechat\" && account.status != \"frozen\" { flag(\"STRINGS\", \"\") }",
             "if (request.amount > 900) == true { flag(\"COMPARED\", \"\") }",
             "if request.amount / 3 >= window.s * 30 { flag(\"ARITH\", \"\") }",
+            // A string parameter has no text where it lies: the general path.
+            "if param.label != request.channel && request.channel > param.label { flag(\"PARAM_STR\", \"\") }",
+            "if param.on && list.b == param.on { flag(\"PARAM_BOOL\", \"\") }",
+            // Numbers into a message: Rhai's text, the smallest integer too.
+            "let m = -9223372036854775807 - 1; if request.amount > 0 { flag(\"NUMBERS\", `${m}|${-request.amount}|${request.amount * 1.5}|${-0.0}`) }",
             // Errors: Rhai's own, as rule by rule reports them.
             "if request.target { flag(\"NOT_BOOL\", \"\") }",
             "if request.amount > 900 && request.amount { flag(\"AND_NOT_BOOL\", \"\") }",
@@ -1239,6 +1245,9 @@ file = "block.txt"
             "STRINGS",
             "COMPARED",
             "ARITH",
+            "PARAM_STR",
+            "PARAM_BOOL",
+            "NUMBERS",
         ] {
             assert!(fired(code), "{code}");
         }
@@ -1248,7 +1257,7 @@ file = "block.txt"
             .filter(|r| r.code == crate::pack::RULE_ERROR)
             .map(|r| r.rule_id.to_string())
             .collect();
-        assert_eq!(errors, ["other7", "other8"]);
+        assert_eq!(errors, ["other10", "other11"]);
         assert!(!fired("INT_STR"));
     }
 
