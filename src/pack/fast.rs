@@ -1162,9 +1162,9 @@ file = "block.txt"
     fn compiled_conditions_are_rhais() {
         // Operands, and their values for a request of `amount` (see `ctx`:
         // the pack's windows are in name order, `s` then `w`).
-        type Value = fn(i64) -> i64;
+        type Get = fn(i64) -> i64;
         type Compare = fn(i64, i64) -> bool;
-        let operands: [(&str, Value); 5] = [
+        let operands: [(&str, Get); 5] = [
             ("request.amount", |a| a),
             ("window.s", |a| a / 100),
             ("window.w", |a| a),
@@ -1180,7 +1180,7 @@ file = "block.txt"
             (">=", |a, b| a >= b),
         ];
         let mut rules = Vec::new();
-        let mut expected: Vec<(String, Value, Value, Compare)> = Vec::new();
+        let mut expected: Vec<(String, Get, Get, Compare)> = Vec::new();
         for (a, fa) in operands {
             for (b, fb) in operands {
                 for (op, test) in ops {
