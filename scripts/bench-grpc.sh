@@ -6,6 +6,8 @@
 #
 # PACING=tick: the open loops send in tokio's 1 ms bursts, as loadgen did
 # before session 12 (loadgen --pacing), instead of each request on time.
+# PRETOUCH=1GiB: both servers start with --pretouch 1GiB (README,
+# "Pretouch"); unset, neither does.
 #
 # Needs: a release build (cargo build --release), taskset, h2load
 # (Debian nghttp2-client), python3 with grpcio-tools (clients/python/requirements.txt).
@@ -44,6 +46,7 @@ PY
 start() { # mode
     local flag=""
     [ "$1" = baseline ] && flag="--baseline"
+    [ -n "${PRETOUCH:-}" ] && flag="$flag --pretouch $PRETOUCH"
     taskset -c "$SERVER_CPU" "$BIN" serve $flag --listen "127.0.0.1:$PORT" --no-watch >"$OUT/server-$1.log" 2>&1 &
     SERVER=$!
     for _ in $(seq 50); do

@@ -66,6 +66,15 @@ pub struct Config {
     /// Start empty when the snapshot is corrupt or from an incompatible
     /// version, instead of refusing to start.
     pub discard_bad_snapshot: bool,
+    /// Memory faulted in before serving and kept, e.g. "1GiB"; "0" (the
+    /// default) is off. A store that grows into fresh memory takes a page
+    /// fault every few requests on the core that serves them, and in a
+    /// virtual machine a fault can cost the host's too: faulted in at the
+    /// start instead, the store grows into memory that is already there.
+    /// The process holds at least this much from the start (its freed
+    /// memory is kept, not given back), so size it to the store's working
+    /// size (see "Sizing memory" in the README).
+    pub pretouch: String,
 }
 
 impl Default for Config {
@@ -93,6 +102,7 @@ impl Default for Config {
             snapshot: None,
             snapshot_interval: "60s".to_string(),
             discard_bad_snapshot: false,
+            pretouch: "0".to_string(),
         }
     }
 }
@@ -126,6 +136,8 @@ pub enum ConfigError {
     RedisPrefix(String),
     #[error("config: a snapshot is for the in-memory store; with state = `{0}` the shared store keeps state")]
     SnapshotWithRedis(String),
+    #[error("config: {field} `{value}` is not a size up to 1TiB, like 0, 512MiB, 2GiB (a bare number is bytes)")]
+    Size { field: &'static str, value: String },
 }
 
 /// Where state lives, from [`Config::state`].
@@ -169,7 +181,16 @@ impl Config {
         if self.decision_log_keep == 0 {
             return Err(ConfigError::NoLogKept);
         }
+        self.pretouch_bytes()?;
         self.state_backend()
+    }
+
+    /// Bytes to fault in before serving (0: none).
+    pub fn pretouch_bytes(&self) -> Result<u64, ConfigError> {
+        parse_size(&self.pretouch).ok_or_else(|| ConfigError::Size {
+            field: "pretouch",
+            value: self.pretouch.clone(),
+        })
     }
 
     /// At least a second: every sweep walks every key.
@@ -258,6 +279,26 @@ fn interval(
     }
 }
 
+/// A size in bytes: a number and an optional unit (`B`, `KiB`, `MiB`,
+/// `GiB`, `TiB`, any case), at most 1 TiB.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "kib" => 10,
+        "mib" => 20,
+        "gib" => 30,
+        "tib" => 40,
+        _ => return None,
+    };
+    let bytes = number.parse::<u64>().ok()?.checked_mul(1 << shift)?;
+    (bytes <= 1 << 40).then_some(bytes)
+}
+
 fn duration(field: &'static str, value: &str) -> Result<i64, ConfigError> {
     parse_span(value).ok_or_else(|| ConfigError::Duration {
         field,
@@ -295,6 +336,34 @@ mod tests {
         assert_eq!(example.snapshot, defaults.snapshot);
         assert_eq!(example.snapshot_interval_ms().unwrap(), 60_000);
         assert_eq!(example.discard_bad_snapshot, defaults.discard_bad_snapshot);
+        assert_eq!(example.pretouch_bytes().unwrap(), 0);
+    }
+
+    #[test]
+    fn sizes() {
+        for (text, bytes) in [
+            ("0", 0),
+            ("4096", 4096),
+            ("512MiB", 512 << 20),
+            ("2 GiB", 2 << 30),
+            ("1gib", 1 << 30),
+            ("64kib", 64 << 10),
+            ("1TiB", 1 << 40),
+            ("7B", 7),
+        ] {
+            assert_eq!(parse_size(text), Some(bytes), "{text}");
+        }
+        for text in [
+            "",
+            "GiB",
+            "-1",
+            "1.5GiB",
+            "1GB",
+            "2TiB",
+            "99999999999999999999",
+        ] {
+            assert_eq!(parse_size(text), None, "{text}");
+        }
     }
 
     #[test]
@@ -344,6 +413,7 @@ mod tests {
             ("admin_token = \"\"", "admin_token"),
             ("admin_token = \"  \"", "admin_token"),
             ("decision_log_keep = 0", "decision_log_keep"),
+            ("pretouch = \"lots\"", "pretouch"),
         ] {
             let err = c(text).check().unwrap_err().to_string();
             assert!(err.contains(field), "{text}: {err}");

@@ -1,5 +1,9 @@
 //! The `riskgate` command: a thin layer over the library.
 
+// One exception, in `keep_freed_memory`: an allocator option, set through
+// mimalloc's C API.
+#![deny(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +75,9 @@ enum Command {
         /// Start empty when the snapshot is corrupt or incompatible, instead of refusing to start.
         #[arg(long)]
         discard_bad_snapshot: bool,
+        /// Memory to fault in before serving and keep, e.g. 1GiB [default: 0, off].
+        #[arg(long, env = "RISKGATE_PRETOUCH")]
+        pretouch: Option<String>,
     },
     /// Load and compile a rule pack as the server would; report every problem.
     Check {
@@ -141,6 +148,7 @@ fn main() -> ExitCode {
             snapshot,
             snapshot_interval,
             discard_bad_snapshot,
+            pretouch,
         } => {
             let mut cfg = match config.as_deref().map(Config::from_file).transpose() {
                 Ok(c) => c.unwrap_or_default(),
@@ -181,6 +189,22 @@ fn main() -> ExitCode {
             }
             if discard_bad_snapshot {
                 cfg.discard_bad_snapshot = true;
+            }
+            if let Some(p) = pretouch {
+                cfg.pretouch = p;
+            }
+            // Checked here too, before a pretouch spends seconds on a start
+            // that a bad setting would refuse anyway.
+            if let Err(e) = cfg.check() {
+                return fail(e);
+            }
+            match cfg.pretouch_bytes() {
+                Ok(0) | Err(_) => {}
+                Ok(bytes) => {
+                    if let Err(e) = pretouch_memory(bytes) {
+                        return fail(e);
+                    }
+                }
             }
             if !riskgate::runtime::LIFO_SLOT_OFF {
                 tracing::warn!(
@@ -327,6 +351,69 @@ fn replay(
         }
         Err(e) => fail(e),
     }
+}
+
+/// Faults in `bytes` of memory and hands it back to the allocator, which
+/// keeps it: the store then grows into memory that is already there, with
+/// no page fault on the request path (`pretouch` in the config). Refuses
+/// more than the machine has available, which would only end in the OOM
+/// killer.
+fn pretouch_memory(bytes: u64) -> Result<(), String> {
+    if let Some(available) = available_memory() {
+        if bytes > available {
+            return Err(format!(
+                "pretouch: {} MiB is more than the {} MiB this machine has available",
+                bytes >> 20,
+                available >> 20
+            ));
+        }
+    }
+    let started = std::time::Instant::now();
+    keep_freed_memory();
+    // In blocks the allocator takes from its arenas and returns to them when
+    // freed, for any size of allocation to reuse. A byte a page faults the
+    // page in; not a zero, which fresh memory already reads as (a zeroed
+    // allocation may skip writing it), and `black_box` keeps the writes.
+    const BLOCK: usize = 1 << 20;
+    const PAGE: usize = 4096;
+    let blocks = usize::try_from(bytes.div_ceil(BLOCK as u64)).map_err(|e| e.to_string())?;
+    let mut touched = Vec::with_capacity(blocks);
+    for _ in 0..blocks {
+        let mut block = Vec::<u8>::with_capacity(BLOCK);
+        for byte in block.spare_capacity_mut().iter_mut().step_by(PAGE) {
+            byte.write(1);
+        }
+        touched.push(std::hint::black_box(block));
+    }
+    drop(touched);
+    tracing::info!(
+        mib = bytes >> 20,
+        took_ms = started.elapsed().as_millis() as u64,
+        "memory pretouched"
+    );
+    Ok(())
+}
+
+/// Tells mimalloc never to give freed memory back to the system. Its default
+/// gives back what stays free for a second, which would undo a pretouch the
+/// moment the requests start (measured: 1 GiB pretouched, 0.16 GiB resident
+/// after three seconds of load).
+#[allow(unsafe_code)]
+fn keep_freed_memory() {
+    /// `mi_option_purge_delay` in mimalloc v3's `mimalloc.h` (the 16th
+    /// option); libmimalloc-sys declares the function, not this constant.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: mi_option_set only stores the value in mimalloc's option
+    // table; -1 is the documented "never purge".
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes (None off Linux).
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

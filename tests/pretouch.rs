@@ -1,0 +1,116 @@
+//! `serve --pretouch`, through the real binary: the memory is resident
+//! before the server answers, and stays resident under load, where the
+//! allocator would otherwise give freed memory back within a second.
+#![cfg(target_os = "linux")]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_riskgate");
+
+const PRETOUCH_MIB: u64 = 192;
+
+/// A `riskgate serve` process, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Starts a server and waits until it serves.
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--no-watch"])
+            .args(extra)
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
+            .env("RUST_LOG", "riskgate=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = Vec::new();
+        let mut lines = stderr.lines().map_while(Result::ok);
+        let serving = loop {
+            match lines.next() {
+                Some(line) if line.contains("riskgate serving") => break line,
+                Some(line) => seen.push(line),
+                None => panic!("the server stopped before serving: {seen:#?}"),
+            }
+        };
+        // Keep draining stderr so that the server never blocks on it.
+        std::thread::spawn(move || lines.for_each(drop));
+        let at = serving.find("127.0.0.1:").expect("address in the log");
+        let addr = serving[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        Server { child, addr }
+    }
+
+    /// Anonymous memory resident in the server, in MiB.
+    fn resident_mib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("RssAnon:"))
+            .expect("RssAnon in /proc/PID/status");
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib >> 10
+    }
+
+    /// Two seconds of load from a thousand users: the store stays small, and
+    /// the allocator frees and collects many times over.
+    fn load(&self) {
+        let out = Command::new(BIN)
+            .args(["loadgen", "--addr", &self.addr])
+            .args(["--duration", "2s", "--warmup", "0s", "--users", "1000"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+#[test]
+fn pretouched_memory_is_resident_before_serving_and_stays_under_load() {
+    let pretouch = format!("{PRETOUCH_MIB}MiB");
+    let server = Server::start(&["--pretouch", &pretouch]);
+    let before = server.resident_mib();
+    assert!(before >= PRETOUCH_MIB, "{before} MiB resident at the start");
+    server.load();
+    let after = server.resident_mib();
+    assert!(after >= PRETOUCH_MIB, "{after} MiB resident after load");
+
+    // The same load without a pretouch holds far less: what stays above is
+    // the pretouch kept, not the load's own memory.
+    let plain = Server::start(&[]);
+    plain.load();
+    let without = plain.resident_mib();
+    assert!(without < PRETOUCH_MIB / 2, "{without} MiB resident without");
+}
+
+#[test]
+fn a_bad_pretouch_is_refused_before_the_start() {
+    for (size, says) in [
+        ("1GB", "pretouch `1GB` is not a size"),
+        ("1TiB", "more than the"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--pretouch", size])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{size}: {stderr}");
+        assert!(stderr.contains(says), "{size}: {stderr}");
+        assert!(!stderr.contains("riskgate serving"), "{size}: {stderr}");
+    }
+}
