@@ -124,6 +124,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // First: what was allocated before main is all the process faults in
+    // huge pages (a page or two).
+    let thp_refused = huge_pages(false);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -131,6 +134,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Err(e) = thp_refused {
+        tracing::warn!(error = %e, "cannot refuse transparent huge pages");
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve {
@@ -370,6 +376,12 @@ fn pretouch_memory(bytes: u64) -> Result<(), String> {
     }
     let started = std::time::Instant::now();
     keep_freed_memory();
+    // Faulted in now, huge pages stall nothing: they map the store in a
+    // 512th of the TLB entries that small pages take, where nearly every
+    // lookup in a big store is a TLB miss.
+    if let Err(e) = huge_pages(true) {
+        tracing::warn!(error = %e, "cannot grant transparent huge pages");
+    }
     // In blocks the allocator takes from its arenas and returns to them when
     // freed, for any size of allocation to reuse. A byte a page faults the
     // page in; not a zero, which fresh memory already reads as (a zeroed
@@ -406,6 +418,21 @@ fn keep_freed_memory() {
     // SAFETY: mi_option_set only stores the value in mimalloc's option
     // table; -1 is the documented "never purge".
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
+/// Transparent huge pages for the whole process: mimalloc asks for them on
+/// its arenas (madvise), and this grants or refuses them. Off by default: a
+/// fault into a fresh 2 MiB page zeroes it (and may compact memory to find
+/// one) on the core serving requests, a stall of milliseconds (BENCHMARKS.md,
+/// session 8); `pretouch` takes those faults before serving, and turns them on.
+fn huge_pages(on: bool) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    return rustix::thread::disable_transparent_huge_pages(!on).map_err(Into::into);
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = on;
+        Ok(())
+    }
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes (None off Linux).

@@ -58,13 +58,22 @@ impl Server {
 
     /// Anonymous memory resident in the server, in MiB.
     fn resident_mib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status
+        self.kib("status", "RssAnon:") >> 10
+    }
+
+    /// Memory the server holds in transparent huge pages, in KiB.
+    fn huge_kib(&self) -> u64 {
+        self.kib("smaps_rollup", "AnonHugePages:")
+    }
+
+    /// A "NAME: N kB" line of /proc/PID/FILE.
+    fn kib(&self, file: &str, name: &str) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/{file}", self.child.id())).unwrap();
+        let line = text
             .lines()
-            .find(|l| l.starts_with("RssAnon:"))
-            .expect("RssAnon in /proc/PID/status");
-        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        kib >> 10
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in /proc/PID/{file}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
     /// Two seconds of load from a thousand users: the store stays small, and
@@ -92,9 +101,29 @@ fn pretouched_memory_is_resident_before_serving_and_stays_under_load() {
     // The same load without a pretouch holds far less: what stays above is
     // the pretouch kept, not the load's own memory.
     let plain = Server::start(&[]);
+    let huge_at_start = plain.huge_kib();
     plain.load();
     let without = plain.resident_mib();
     assert!(without < PRETOUCH_MIB / 2, "{without} MiB resident without");
+
+    // Huge pages only with the pretouch, where the system grants any:
+    // without, the requests fault none in (what the start faulted before
+    // `main` could refuse them stays what it was).
+    assert_eq!(
+        plain.huge_kib(),
+        huge_at_start,
+        "huge pages faulted under load"
+    );
+    if huge_pages_granted() {
+        assert!(server.huge_kib() > 0, "no huge pages with a pretouch");
+    }
+}
+
+/// Whether this system gives transparent huge pages to a process that asks
+/// (`always` or `madvise`, not `never`).
+fn huge_pages_granted() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|mode| !mode.contains("[never]"))
 }
 
 #[test]
