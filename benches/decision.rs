@@ -191,6 +191,8 @@ fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
 }
 
 fn main() {
+    // As `riskgate serve` without a pretouch: no transparent huge pages.
+    riskgate::runtime::huge_pages(false).expect("refuse transparent huge pages");
     let setup = Setup::new();
     if let Some(n) = env_number::<u64>("RISKGATE_BENCH_ITERS") {
         match env_number::<usize>("RISKGATE_BENCH_THREADS") {

@@ -36,6 +36,8 @@ fn rss_bytes() -> u64 {
 }
 
 fn main() {
+    // As `riskgate serve` without a pretouch: no transparent huge pages.
+    riskgate::runtime::huge_pages(false).expect("refuse transparent huge pages");
     let users: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())

@@ -126,7 +126,7 @@ enum Command {
 fn main() -> ExitCode {
     // First: what was allocated before main is all the process faults in
     // huge pages (a page or two).
-    let thp_refused = huge_pages(false);
+    let thp_refused = riskgate::runtime::huge_pages(false);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -379,7 +379,7 @@ fn pretouch_memory(bytes: u64) -> Result<(), String> {
     // Faulted in now, huge pages stall nothing: they map the store in a
     // 512th of the TLB entries that small pages take, where nearly every
     // lookup in a big store is a TLB miss.
-    if let Err(e) = huge_pages(true) {
+    if let Err(e) = riskgate::runtime::huge_pages(true) {
         tracing::warn!(error = %e, "cannot grant transparent huge pages");
     }
     // In blocks the allocator takes from its arenas and returns to them when
@@ -418,21 +418,6 @@ fn keep_freed_memory() {
     // SAFETY: mi_option_set only stores the value in mimalloc's option
     // table; -1 is the documented "never purge".
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
-
-/// Transparent huge pages for the whole process: mimalloc asks for them on
-/// its arenas (madvise), and this grants or refuses them. Off by default: a
-/// fault into a fresh 2 MiB page zeroes it (and may compact memory to find
-/// one) on the core serving requests, a stall of milliseconds (BENCHMARKS.md,
-/// session 8); `pretouch` takes those faults before serving, and turns them on.
-fn huge_pages(on: bool) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    return rustix::thread::disable_transparent_huge_pages(!on).map_err(Into::into);
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = on;
-        Ok(())
-    }
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes (None off Linux).

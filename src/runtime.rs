@@ -1,5 +1,5 @@
 //! The multi-threaded tokio runtime that the server and the load generator's
-//! closed loop run on.
+//! closed loop run on, and the process's memory pages ([`huge_pages`]).
 //!
 //! It is tokio's default runtime with one change: the worker's LIFO slot is
 //! off. With the slot, a task woken by the running task runs as soon as
@@ -42,6 +42,23 @@ fn builder() -> Builder {
     #[cfg(tokio_unstable)]
     builder.disable_lifo_slot();
     builder
+}
+
+/// Transparent huge pages for the whole process (Linux; elsewhere a no-op):
+/// mimalloc asks for them on its arenas (madvise), and this grants or
+/// refuses them. `riskgate` refuses them first thing, as do the benches and
+/// the memory example that measure it: a fault into a fresh 2 MiB page
+/// zeroes it (and may compact memory to find one) on the core serving
+/// requests, a stall of milliseconds (BENCHMARKS.md, session 8). `serve
+/// --pretouch` takes its faults before serving, and grants them.
+pub fn huge_pages(on: bool) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    return rustix::thread::disable_transparent_huge_pages(!on).map_err(Into::into);
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = on;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
