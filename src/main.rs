@@ -205,12 +205,13 @@ fn main() -> ExitCode {
                 return fail(e);
             }
             match cfg.pretouch_bytes() {
-                Ok(0) | Err(_) => {}
+                Ok(0) => {}
                 Ok(bytes) => {
                     if let Err(e) = pretouch_memory(bytes) {
                         return fail(e);
                     }
                 }
+                Err(e) => return fail(e),
             }
             if !riskgate::runtime::LIFO_SLOT_OFF {
                 tracing::warn!(
