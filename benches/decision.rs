@@ -192,7 +192,9 @@ fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
 
 fn main() {
     // As `riskgate serve` without a pretouch: no transparent huge pages.
-    riskgate::runtime::huge_pages(false).expect("refuse transparent huge pages");
+    if let Err(e) = riskgate::runtime::huge_pages(false) {
+        eprintln!("cannot refuse transparent huge pages: {e}");
+    }
     let setup = Setup::new();
     if let Some(n) = env_number::<u64>("RISKGATE_BENCH_ITERS") {
         match env_number::<usize>("RISKGATE_BENCH_THREADS") {

@@ -37,7 +37,9 @@ fn rss_bytes() -> u64 {
 
 fn main() {
     // As `riskgate serve` without a pretouch: no transparent huge pages.
-    riskgate::runtime::huge_pages(false).expect("refuse transparent huge pages");
+    if let Err(e) = riskgate::runtime::huge_pages(false) {
+        eprintln!("cannot refuse transparent huge pages: {e}");
+    }
     let users: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())

@@ -379,7 +379,7 @@ fn pretouch_memory(bytes: u64) -> Result<(), String> {
     keep_freed_memory();
     // Faulted in now, huge pages stall nothing: they map the store in a
     // 512th of the TLB entries that small pages take, where nearly every
-    // lookup in a big store is a TLB miss.
+    // lookup in a big store is a TLB miss. Granted for the touch only.
     if let Err(e) = riskgate::runtime::huge_pages(true) {
         tracing::warn!(error = %e, "cannot grant transparent huge pages");
     }
@@ -399,6 +399,12 @@ fn pretouch_memory(bytes: u64) -> Result<(), String> {
         touched.push(std::hint::black_box(block));
     }
     drop(touched);
+    // Past the pretouched size the store grows into small pages again: a
+    // huge one would be zeroed (and memory compacted to find it) on the
+    // core serving requests. The huge pages mapped above stay.
+    if let Err(e) = riskgate::runtime::huge_pages(false) {
+        tracing::warn!(error = %e, "cannot refuse transparent huge pages");
+    }
     tracing::info!(
         mib = bytes >> 20,
         took_ms = started.elapsed().as_millis() as u64,
@@ -421,12 +427,25 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
-/// `MemAvailable` from /proc/meminfo, in bytes (None off Linux).
+/// Memory this process may still take, in bytes: `MemAvailable` from
+/// /proc/meminfo, or less where a container's cgroup (v2) limit leaves less
+/// (None off Linux).
 fn available_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib << 10)
+    let cgroup = |file: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{file}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    // "max" (no limit) does not parse, and leaves the machine's figure.
+    let left_in_cgroup = cgroup("memory.max")
+        .zip(cgroup("memory.current"))
+        .map(|(max, current)| max.saturating_sub(current));
+    Some(left_in_cgroup.map_or(kib << 10, |left| left.min(kib << 10)))
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

@@ -61,9 +61,11 @@ impl Server {
         self.kib("status", "RssAnon:") >> 10
     }
 
-    /// Memory the server holds in transparent huge pages, in KiB.
-    fn huge_kib(&self) -> u64 {
-        self.kib("smaps_rollup", "AnonHugePages:")
+    /// Memory the server holds in transparent huge pages, in KiB (None
+    /// where the kernel does not say: no smaps_rollup, as under gVisor).
+    fn huge_kib(&self) -> Option<u64> {
+        std::fs::metadata(format!("/proc/{}/smaps_rollup", self.child.id())).ok()?;
+        Some(self.kib("smaps_rollup", "AnonHugePages:"))
     }
 
     /// A "NAME: N kB" line of /proc/PID/FILE.
@@ -108,14 +110,17 @@ fn pretouched_memory_is_resident_before_serving_and_stays_under_load() {
 
     // Huge pages only with the pretouch, where the system grants any:
     // without, the requests fault none in (what the start faulted before
-    // `main` could refuse them stays what it was).
-    assert_eq!(
-        plain.huge_kib(),
-        huge_at_start,
-        "huge pages faulted under load"
-    );
-    if huge_pages_granted() {
-        assert!(server.huge_kib() > 0, "no huge pages with a pretouch");
+    // `main` could refuse them stays, or shrinks where a purge splits it).
+    if let (Some(at_start), Some(now)) = (huge_at_start, plain.huge_kib()) {
+        assert!(
+            now <= at_start,
+            "huge pages under load: {at_start} -> {now} KiB"
+        );
+    }
+    if let (true, Some(huge)) = (huge_pages_granted(), server.huge_kib()) {
+        // Most of the pretouch; the start's page or two are far less.
+        let want = (PRETOUCH_MIB << 10) / 4;
+        assert!(huge >= want, "{huge} KiB of huge pages with a pretouch");
     }
 }
 
