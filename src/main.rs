@@ -369,7 +369,7 @@ fn pretouch_memory(bytes: u64) -> Result<(), String> {
     if let Some(available) = available_memory() {
         if bytes > available {
             return Err(format!(
-                "pretouch: {} MiB is more than the {} MiB this machine has available",
+                "pretouch: {} MiB is more than the {} MiB available to this process",
                 bytes >> 20,
                 available >> 20
             ));
