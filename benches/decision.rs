@@ -71,7 +71,7 @@ mod native;
 
 /// The allocator the server runs with (see `src/main.rs`).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: riskgate_alloc::MiMalloc = riskgate_alloc::MiMalloc;
 
 use std::hint::black_box;
 use std::sync::Arc;

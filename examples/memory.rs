@@ -21,7 +21,7 @@ use riskgate::state::{MemoryStore, Store};
 
 /// The server's allocator (see `src/main.rs`): resident memory depends on it.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: riskgate_alloc::MiMalloc = riskgate_alloc::MiMalloc;
 
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -1,8 +1,6 @@
 //! The `riskgate` command: a thin layer over the library.
 
-// One exception, in `keep_freed_memory`: an allocator option, set through
-// mimalloc's C API.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,9 +12,9 @@ use riskgate::config::Config;
 /// mimalloc, not the system allocator: a decision makes a few dozen small,
 /// short-lived allocations, and glibc's malloc (its free-list consolidation
 /// above all) cost about a third of a decision in the benches. Measured in
-/// BENCHMARKS.md, memory per user included.
+/// BENCHMARKS.md, memory per user included. Called as `alloc/` explains.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: riskgate_alloc::MiMalloc = riskgate_alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -376,7 +374,7 @@ fn pretouch_memory(bytes: u64) -> Result<(), String> {
         }
     }
     let started = std::time::Instant::now();
-    keep_freed_memory();
+    riskgate_alloc::keep_freed_memory();
     // Faulted in now, huge pages stall nothing: they map the store in a
     // 512th of the TLB entries that small pages take, where nearly every
     // lookup in a big store is a TLB miss. Granted for the touch only.
@@ -411,20 +409,6 @@ fn pretouch_memory(bytes: u64) -> Result<(), String> {
         "memory pretouched"
     );
     Ok(())
-}
-
-/// Tells mimalloc never to give freed memory back to the system. Its default
-/// gives back what stays free for a second, which would undo a pretouch the
-/// moment the requests start (measured: 1 GiB pretouched, 0.16 GiB resident
-/// after three seconds of load).
-#[allow(unsafe_code)]
-fn keep_freed_memory() {
-    /// `mi_option_purge_delay` in mimalloc v3's `mimalloc.h` (the 16th
-    /// option); libmimalloc-sys declares the function, not this constant.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: mi_option_set only stores the value in mimalloc's option
-    // table; -1 is the documented "never purge".
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
 /// Memory this process may still take, in bytes: `MemAvailable` from
