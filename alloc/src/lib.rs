@@ -28,12 +28,12 @@ use libmimalloc_sys as mi;
 /// (`MI_MAX_ALIGN_SIZE`; see the crate's comment).
 const MIN_ALIGN: usize = 16;
 
-/// Whether a plain (unaligned) mimalloc call gives a block aligned as
-/// `layout` asks: the rule of std's `System` allocator for `malloc`, and
-/// blocks of 8 bytes are aligned to 8.
+/// Whether a plain (unaligned) mimalloc call for `size` bytes gives a block
+/// aligned to `align`: the rule of std's `System` allocator for `malloc`,
+/// and blocks of 8 bytes are aligned to 8.
 #[inline]
-fn plain(layout: Layout) -> bool {
-    layout.align() <= 8 || (layout.align() <= MIN_ALIGN && layout.align() <= layout.size())
+fn plain(size: usize, align: usize) -> bool {
+    align <= 8 || (align <= MIN_ALIGN && align <= size)
 }
 
 /// mimalloc as the global allocator:
@@ -48,7 +48,7 @@ unsafe impl GlobalAlloc for MiMalloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: plain C calls; mimalloc returns null when out of memory.
         unsafe {
-            if plain(layout) {
+            if plain(layout.size(), layout.align()) {
                 mi::mi_malloc(layout.size()).cast()
             } else {
                 mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
@@ -60,7 +60,7 @@ unsafe impl GlobalAlloc for MiMalloc {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as in `alloc`.
         unsafe {
-            if plain(layout) {
+            if plain(layout.size(), layout.align()) {
                 mi::mi_zalloc(layout.size()).cast()
             } else {
                 mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
@@ -77,9 +77,11 @@ unsafe impl GlobalAlloc for MiMalloc {
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller passes a block this allocator returned with
-        // `layout`; the new block keeps the layout's alignment, as in `alloc`.
+        // `layout`; the new block is aligned as in `alloc`, by its new size
+        // (a block shrunk below 16 bytes is only aligned to 8). `mi_realloc`
+        // takes blocks from either kind of call, as `mi_free` does.
         unsafe {
-            if plain(layout) {
+            if plain(new_size, layout.align()) {
                 mi::mi_realloc(ptr.cast(), new_size).cast()
             } else {
                 mi::mi_realloc_aligned(ptr.cast(), new_size, layout.align()).cast()
@@ -122,7 +124,7 @@ mod tests {
     }
 
     #[test]
-    fn every_layout_gets_a_block_aligned_as_asked_and_realloc_keeps_it() {
+    fn every_layout_gets_a_block_aligned_as_asked_and_realloc_keeps_it_both_ways() {
         for layout in layouts() {
             // SAFETY: a non-zero size; the block is written within its size,
             // grown with the same layout, read within the old size and freed
@@ -140,7 +142,23 @@ mod tests {
                 for i in 0..layout.size() {
                     assert_eq!(q.add(i).read(), i as u8, "{layout:?}: byte {i} lost");
                 }
-                MiMalloc.dealloc(q, grown);
+                // Shrunk below the alignment's size, then to a third.
+                let small = Layout::from_size_align(1, layout.align()).unwrap();
+                let r = MiMalloc.realloc(q, grown, 1);
+                assert!(aligned(r, small), "{layout:?} shrunk to 1 byte: {r:?}");
+                assert_eq!(r.read(), 0);
+                MiMalloc.dealloc(r, small);
+                let third = (layout.size() / 3).max(1);
+                let p = MiMalloc.alloc(layout);
+                p.write_bytes(7, layout.size());
+                let q = MiMalloc.realloc(p, layout, third);
+                let shrunk = Layout::from_size_align(third, layout.align()).unwrap();
+                assert!(aligned(q, shrunk), "{shrunk:?} after realloc: {q:?}");
+                assert!(
+                    (0..third).all(|i| q.add(i).read() == 7),
+                    "{layout:?} shrunk"
+                );
+                MiMalloc.dealloc(q, shrunk);
             }
         }
     }
