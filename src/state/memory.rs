@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::LocalKey;
 
 use dashmap::DashMap;
+use riskgate_alloc::prefetch;
 use smallvec::SmallVec;
 
 use super::kept::{KeptFacts, PackedRecord};
@@ -1208,6 +1209,10 @@ impl<V> Default for Drained<V> {
 /// user's key and one per other key group; the shipped pack has three).
 const MANY: usize = 4;
 
+/// How many control bytes hashbrown's probe reads at once (its SSE2 group);
+/// a group may span two cache lines.
+const GROUP: usize = 16;
+
 /// Stamps a thread takes from a map's clock at once.
 const LEASE: u64 = 64;
 
@@ -1357,8 +1362,10 @@ impl<V: Default + Marked> Bounded<V> {
     /// Why: a key's lookup is a chain of cache misses (the shard's lock, the
     /// control bytes, the bucket), and on x86 taking a lock orders every
     /// load after it. One key at a time, each key's chain waits for the one
-    /// before; with the locks taken first, the lookups have nothing between
-    /// them and the core overlaps their misses. Taking locks in shard order
+    /// before. Here each link of every key's chain is asked for ahead
+    /// ([`prefetch`]: the locks' lines, then each table's control bytes and
+    /// likeliest bucket), so the misses of all the keys overlap (BENCHMARKS.md,
+    /// session 25: +4-5% over gRPC on a warm store). Taking locks in shard order
     /// cannot deadlock with another caller doing the same; every other path
     /// holds one shard at a time, or (dashmap's iterators, in snapshots and
     /// evictions) takes the next shard before letting go of the last, also
@@ -1385,8 +1392,27 @@ impl<V: Default + Marked> Bounded<V> {
             return None;
         }
         let shards = self.map.shards();
+        // Each miss of the chain asked for ahead, for every key at once:
+        // first the shards' locks (2,048 padded shards, 256 KiB, are not
+        // all in cache under load, and a lock's atomic waits for its line).
+        for &(s, _, _) in &at {
+            prefetch(&shards[s]);
+        }
         let mut guards: SmallVec<[_; MANY]> =
             at.iter().map(|&(s, _, _)| shards[s].write()).collect();
+        // Then each table's control bytes where the probe starts, and the
+        // bucket there, where a key most often sits: hashbrown puts it at the
+        // first free place from that position on.
+        for (table, &(_, hash, _)) in guards.iter().zip(&at) {
+            let start = hash as usize & (table.buckets() - 1);
+            let end = table.data_end().as_ptr();
+            let control = end.cast::<u8>().wrapping_add(start);
+            prefetch(control);
+            prefetch(control.wrapping_add(GROUP - 1));
+            let bucket = end.wrapping_sub(start + 1);
+            prefetch(bucket);
+            prefetch(end.wrapping_sub(start).cast::<u8>().wrapping_sub(1));
+        }
         let rehash = |e: &Entry<V>| self.hash_of(e);
         // How many keys this visit created, and the shard of the last.
         let (mut inserted, mut shard) = (0, 0);
