@@ -125,6 +125,25 @@ pub fn prefetch<T>(at: *const T) {
     let _ = at;
 }
 
+/// [`prefetch`] for every cache line `items` lies on.
+#[inline]
+pub fn prefetch_slice<T>(items: &[T]) {
+    /// A cache line on the targets this is tuned for (x86_64).
+    const LINE: usize = 64;
+    let bytes = core::mem::size_of_val(items);
+    if bytes == 0 {
+        return;
+    }
+    let start = items.as_ptr().cast::<u8>();
+    // From the line the first byte is on to the line the last byte is on.
+    let offset = start as usize % LINE;
+    let mut line = 0;
+    while line < offset + bytes {
+        prefetch(start.wrapping_sub(offset).wrapping_add(line));
+        line += LINE;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -186,7 +205,7 @@ mod tests {
     }
 
     #[test]
-    fn prefetch_takes_any_address_and_changes_nothing() {
+    fn prefetches_take_any_address_and_change_nothing() {
         let block: Vec<u64> = (0..64).collect();
         let freed = {
             let gone = std::vec![7u8; 4096];
@@ -206,6 +225,9 @@ mod tests {
         for at in &block {
             super::prefetch(at);
         }
+        super::prefetch_slice(&block);
+        super::prefetch_slice(&block[..0]);
+        super::prefetch_slice(&[(); 3]);
         assert!(block.iter().copied().eq(0..64));
     }
 

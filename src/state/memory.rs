@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::LocalKey;
 
 use dashmap::DashMap;
-use riskgate_alloc::prefetch;
+use riskgate_alloc::{prefetch, prefetch_slice};
 use smallvec::SmallVec;
 
 use super::kept::{KeptFacts, PackedRecord};
@@ -261,6 +261,13 @@ enum Agg {
 }
 
 impl Agg {
+    fn prefetch(&self) {
+        match self {
+            Agg::Series(s) => s.prefetch(),
+            Agg::Distinct(d) => d.prefetch(),
+        }
+    }
+
     /// Whether the window (of span `span_ms`) reads 0 from `now_ms` on.
     fn is_idle(&self, span_ms: i64, now_ms: i64) -> bool {
         match self {
@@ -323,6 +330,27 @@ impl Slot {
                 Some(oldest) => self.windows.remove(oldest),
                 None => break,
             };
+        }
+    }
+
+    /// The first of two steps that ask for a slot's state ahead (see
+    /// [`MemoryStore::touch_windows`]): every line of the window list, and
+    /// the profile's box.
+    fn prefetch_lists(&self) {
+        prefetch_slice(&self.windows);
+        if let Some(p) = self.profile.as_deref() {
+            prefetch(p);
+        }
+    }
+
+    /// The second: what the list and the profile point to (each window's
+    /// buckets, the profile's recent regions), once they are in.
+    fn prefetch_state(&self) {
+        for (_, _, agg) in &self.windows {
+            agg.prefetch();
+        }
+        if let Some(p) = self.profile.as_deref() {
+            p.prefetch();
         }
     }
 
@@ -615,15 +643,17 @@ impl MemoryStore {
                     .map(|v| (&all[v.at.clone()], v.records > 0))
                     .collect();
                 let together = self.windows.visit_many(&keys, |slots| {
-                    // Each slot's window list, and the user's profile, is one
-                    // more miss: load them all before the work on the first,
-                    // so they overlap too.
-                    let first = slots.iter().flatten().fold(0u64, |acc, s| {
-                        let window = s.windows.first().map_or(0, |w| w.0);
-                        let profile = s.profile.as_deref().map_or(0, |p| p.events() as u64);
-                        acc ^ window ^ profile
-                    });
-                    std::hint::black_box(first);
+                    // Each slot's window list and the user's profile are more
+                    // misses, and so is what they point to (a window's
+                    // buckets on the heap, the profile's regions): ask for
+                    // them all, a level at a time, before the work on the
+                    // first, so they overlap too.
+                    for slot in slots.iter().flatten() {
+                        slot.prefetch_lists();
+                    }
+                    for slot in slots.iter().flatten() {
+                        slot.prefetch_state();
+                    }
                     for (v, slot) in homes.iter().zip(slots) {
                         visit(slot.as_deref_mut(), &v.held, v.user, v.records, values);
                     }

@@ -67,6 +67,14 @@ pub struct Profile {
 }
 
 impl Profile {
+    /// Asks for the recent regions' line when they are on the heap (see
+    /// [`riskgate_alloc::prefetch`]).
+    pub(crate) fn prefetch(&self) {
+        if self.recent.spilled() {
+            riskgate_alloc::prefetch(self.recent.as_ptr());
+        }
+    }
+
     pub fn view(&self, ts_ms: i64, span_ms: i64, loc: Option<&Location>) -> ProfileView {
         let from = ts_ms - span_ms;
         let live = live(&self.recent, from, ts_ms);

@@ -83,6 +83,14 @@ pub struct Series {
 }
 
 impl Series {
+    /// Asks for the buckets' line when they are on the heap (see
+    /// [`riskgate_alloc::prefetch`]).
+    pub(crate) fn prefetch(&self) {
+        if self.buckets.spilled() {
+            riskgate_alloc::prefetch(self.buckets.as_ptr());
+        }
+    }
+
     /// Adds `delta` at `ts_ms` and returns the window's value as of `ts_ms`
     /// (this delta included): the read and the write are one step.
     pub fn add(&mut self, shape: Shape, ts_ms: i64, delta: i64) -> i64 {
@@ -318,6 +326,16 @@ impl Many {
 }
 
 impl Distinct {
+    /// Asks for the values' first line when they are on the heap (see
+    /// [`riskgate_alloc::prefetch`]).
+    pub(crate) fn prefetch(&self) {
+        match &self.repr {
+            Repr::List(values) if values.spilled() => riskgate_alloc::prefetch(values.as_ptr()),
+            Repr::List(_) => {}
+            Repr::Map(many) => riskgate_alloc::prefetch(&**many),
+        }
+    }
+
     /// Records `value` (a hash of the field) at `ts_ms` and returns the number of
     /// distinct values seen within the span as of `ts_ms`, this one included.
     pub fn add(&mut self, shape: Shape, ts_ms: i64, value: u64) -> i64 {
