@@ -1395,7 +1395,7 @@ impl<V: Default + Marked> Bounded<V> {
     /// before. Here each link of every key's chain is asked for ahead
     /// ([`prefetch`]: the locks' lines, then each table's control bytes and
     /// likeliest bucket), so the misses of all the keys overlap (BENCHMARKS.md,
-    /// session 25: +4-5% over gRPC on a warm store). Taking locks in shard order
+    /// session 25, for what it measured to). Taking locks in shard order
     /// cannot deadlock with another caller doing the same; every other path
     /// holds one shard at a time, or (dashmap's iterators, in snapshots and
     /// evictions) takes the next shard before letting go of the last, also
