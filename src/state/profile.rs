@@ -4,7 +4,7 @@
 //! challenges the user passed). Bounded: the most recent [`RECENT`] located
 //! events are kept, which is all the usual-region question needs.
 
-use super::window::{push_small, Entries};
+use super::window::{prefetch_spilled, push_small, Entries};
 use crate::geo::{distance_km, Location};
 
 /// Located events remembered per user.
@@ -67,12 +67,9 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// Asks for the recent regions' line when they are on the heap (see
-    /// [`riskgate_alloc::prefetch`]).
+    /// Asks for the recent regions' line when they are on the heap.
     pub(crate) fn prefetch(&self) {
-        if self.recent.spilled() {
-            riskgate_alloc::prefetch(self.recent.as_ptr());
-        }
+        prefetch_spilled(&self.recent);
     }
 
     pub fn view(&self, ts_ms: i64, span_ms: i64, loc: Option<&Location>) -> ProfileView {

@@ -61,6 +61,14 @@ pub(crate) fn push_small<T>(v: &mut Entries<T>, item: T) {
     v.push(item);
 }
 
+/// Asks for the first line of `v`'s entries when they are on the heap (see
+/// [`riskgate_alloc::prefetch`]); in place, they came with their owner.
+pub(crate) fn prefetch_spilled<T>(v: &Entries<T>) {
+    if v.spilled() {
+        riskgate_alloc::prefetch(v.as_ptr());
+    }
+}
+
 /// Heap bytes behind `v` (none while its one entry is held in place).
 pub(crate) fn heap_bytes<T>(v: &Entries<T>) -> usize {
     if v.spilled() {
@@ -83,12 +91,9 @@ pub struct Series {
 }
 
 impl Series {
-    /// Asks for the buckets' line when they are on the heap (see
-    /// [`riskgate_alloc::prefetch`]).
+    /// Asks for the buckets' line when they are on the heap.
     pub(crate) fn prefetch(&self) {
-        if self.buckets.spilled() {
-            riskgate_alloc::prefetch(self.buckets.as_ptr());
-        }
+        prefetch_spilled(&self.buckets);
     }
 
     /// Adds `delta` at `ts_ms` and returns the window's value as of `ts_ms`
@@ -330,8 +335,7 @@ impl Distinct {
     /// [`riskgate_alloc::prefetch`]).
     pub(crate) fn prefetch(&self) {
         match &self.repr {
-            Repr::List(values) if values.spilled() => riskgate_alloc::prefetch(values.as_ptr()),
-            Repr::List(_) => {}
+            Repr::List(values) => prefetch_spilled(values),
             Repr::Map(many) => riskgate_alloc::prefetch(&**many),
         }
     }
