@@ -8,6 +8,9 @@
 # before session 12 (loadgen --pacing), instead of each request on time.
 # PRETOUCH=1GiB: both servers start with --pretouch 1GiB (README,
 # "Pretouch"); unset, neither does.
+# OPEN_ONLY=PEAK: only the open loops (section 3), at 1/4 and 1/2 of PEAK
+# requests/s (the baseline's closed-loop peak from an earlier run): more
+# rounds of the tail readings for the same time.
 #
 # Needs: a release build (cargo build --release), taskset, h2load
 # (Debian nghttp2-client), python3 with grpcio-tools (clients/python/requirements.txt).
@@ -100,7 +103,7 @@ h2() { # name
 
 # 1. Closed loop (loadgen, 4 connections x 16 streams; a fresh server and
 # 1,000,000 users, so nearly every user is new) and h2load, alternating.
-for r in $(seq "$ROUNDS"); do
+[ -n "${OPEN_ONLY:-}" ] || for r in $(seq "$ROUNDS"); do
     for mode in baseline engine; do
         start "$mode"
         loadgen "closed-$mode-$r" --connections 4 --streams 16
@@ -116,7 +119,7 @@ done
 # run would send as users of its own. (Section 1 measures the harder case:
 # a fresh server, where nearly every one of 1,000,000 users is new, so most
 # requests insert keys.)
-for r in $(seq "$ROUNDS"); do
+[ -n "${OPEN_ONLY:-}" ] || for r in $(seq "$ROUNDS"); do
     for mode in baseline engine; do
         start "$mode"
         taskset -c "$CLIENT_CPU" "$BIN" loadgen --addr "127.0.0.1:$PORT" --duration "${SECS}s" \
@@ -127,7 +130,7 @@ for r in $(seq "$ROUNDS"); do
 done
 
 # 3. Open loop at a quarter and a half of the baseline's best closed-loop rate.
-peak=$(python3 -c "import json,glob; print(max(json.load(open(f))['rps'] for f in glob.glob('$OUT/closed-baseline-*.json')))")
+peak=${OPEN_ONLY:-$(python3 -c "import json,glob; print(max(json.load(open(f))['rps'] for f in glob.glob('$OUT/closed-baseline-*.json')))")}
 for share in 4 2; do
     rate=$(python3 -c "print(int($peak/$share))")
     for r in $(seq "$ROUNDS"); do
@@ -139,9 +142,9 @@ for share in 4 2; do
     done
 done
 
-python3 - "$OUT" "$ROUNDS" <<'PY'
+python3 - "$OUT" "$ROUNDS" "${OPEN_ONLY:-}" <<'PY'
 import glob, json, os, re, sys, statistics as st
-out, rounds = sys.argv[1], int(sys.argv[2])
+out, rounds, open_only = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def lg(name): return json.load(open(f"{out}/{name}.json"))
 def h2(name):
     t = open(f"{out}/{name}.txt").read()
@@ -156,33 +159,38 @@ def row(label, b, e):
     of the same round): how far the rounds spread is part of the figure."""
     per = ", ".join(f"{y/x:.2f}" for x, y in zip(b, e))
     print(f"  {label:<29}{med(b):>10.0f}  {med(e):>10.0f}   {med(e)/med(b):>6.2f}   rounds: {per}")
-print("closed loop (loadgen 4 x 16)      baseline      engine   engine/baseline")
-row("requests/s", [lg(f"closed-baseline-{r}")["rps"] for r in R], [lg(f"closed-engine-{r}")["rps"] for r in R])
-row("p99 us", [lg(f"closed-baseline-{r}")["latency_us"]["p99"] for r in R],
-    [lg(f"closed-engine-{r}")["latency_us"]["p99"] for r in R])
-def busy(kind):
-    """Median share of a core the server and the client used, each mode."""
-    def side(mode, i):
-        got = [open(f"{out}/{kind}-{mode}-{r}.busy").read().split()[i] for r in R]
-        got = [int(x) for x in got if x != "-"]
-        return med(got) if got else "-"
-    print(f"  {'busy (server / client)':<29}{side('baseline', 0):>5}% / {side('baseline', 1)}%"
-          f"   {side('engine', 0):>3}% / {side('engine', 1)}%")
-busy("closed")
-print("closed loop, warm store (100k users, a first pass fills it)")
-row("requests/s", [lg(f"warm-baseline-{r}")["rps"] for r in R], [lg(f"warm-engine-{r}")["rps"] for r in R])
-busy("warm")
-print("h2load (16 x 16, dry-run body)")
-row("requests/s", [h2(f"h2load-baseline-{r}")[0] for r in R], [h2(f"h2load-engine-{r}")[0] for r in R])
+def closed_rows():
+    """The closed loops and h2load (sections 1 and 2)."""
+    print("closed loop (loadgen 4 x 16)      baseline      engine   engine/baseline")
+    row("requests/s", [lg(f"closed-baseline-{r}")["rps"] for r in R], [lg(f"closed-engine-{r}")["rps"] for r in R])
+    row("p99 us", [lg(f"closed-baseline-{r}")["latency_us"]["p99"] for r in R],
+        [lg(f"closed-engine-{r}")["latency_us"]["p99"] for r in R])
+    def busy(kind):
+        """Median share of a core the server and the client used, each mode."""
+        def side(mode, i):
+            got = [open(f"{out}/{kind}-{mode}-{r}.busy").read().split()[i] for r in R]
+            got = [int(x) for x in got if x != "-"]
+            return med(got) if got else "-"
+        print(f"  {'busy (server / client)':<29}{side('baseline', 0):>5}% / {side('baseline', 1)}%"
+              f"   {side('engine', 0):>3}% / {side('engine', 1)}%")
+    busy("closed")
+    print("closed loop, warm store (100k users, a first pass fills it)")
+    row("requests/s", [lg(f"warm-baseline-{r}")["rps"] for r in R], [lg(f"warm-engine-{r}")["rps"] for r in R])
+    busy("warm")
+    print("h2load (16 x 16, dry-run body)")
+    row("requests/s", [h2(f"h2load-baseline-{r}")[0] for r in R], [h2(f"h2load-engine-{r}")[0] for r in R])
+if not open_only:
+    closed_rows()
 # A run with failures does not measure what its row says: a server that
 # fails fast looks fast.
 warned = False
-for name in sorted(f for p in ("closed-", "warm-", "open") for f in glob.glob(f"{out}/{p}*.json")):
+kinds = ("open",) if open_only else ("closed-", "warm-", "open")
+for name in sorted(f for p in kinds for f in glob.glob(f"{out}/{p}*.json")):
     r = json.load(open(name))
     if r.get("errors"):
         warned = True
         print(f"  WARNING {os.path.basename(name)}: {r['errors']} errors")
-for name in sorted(glob.glob(f"{out}/h2load-*.txt")):
+for name in [] if open_only else sorted(glob.glob(f"{out}/h2load-*.txt")):
     m = re.search(r"(\d+) total, .*?(\d+) succeeded", open(name).read())
     if not m or m.group(1) != m.group(2):
         warned = True
