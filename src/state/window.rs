@@ -24,73 +24,24 @@ pub const MAX_DISTINCT: usize = 4096;
 pub struct Shape {
     pub span_ms: i64,
     pub bucket_ms: i64,
-    /// `bucket_ms`'s reciprocal, for [`Shape::bucket`] (see [`Reciprocal`]).
-    per_bucket: Reciprocal,
 }
 
 impl Shape {
     pub fn new(span_ms: i64) -> Shape {
         let span_ms = span_ms.max(1000);
-        let bucket_ms = (span_ms / BUCKETS_PER_SPAN).max(1000);
         Shape {
             span_ms,
-            bucket_ms,
-            per_bucket: Reciprocal::new(bucket_ms as u64),
+            bucket_ms: (span_ms / BUCKETS_PER_SPAN).max(1000),
         }
     }
 
-    /// The bucket `ts_ms` falls in: `ts_ms.div_euclid(bucket_ms)`.
     pub fn bucket(&self, ts_ms: i64) -> i64 {
-        match u64::try_from(ts_ms) {
-            Ok(ts) => self.per_bucket.divide(ts) as i64,
-            // Before 1970: never sent, but answered all the same.
-            Err(_) => ts_ms.div_euclid(self.bucket_ms),
-        }
+        ts_ms.div_euclid(self.bucket_ms)
     }
 
     /// The oldest bucket a read at `ts_ms` still covers.
     pub fn first_bucket(&self, ts_ms: i64) -> i64 {
         self.bucket(ts_ms - self.span_ms)
-    }
-}
-
-/// Division of any `n` below 2^63 by a divisor fixed in advance, as a
-/// multiplication and a shift (Granlund and Montgomery, "Division by
-/// invariant integers using multiplication", 1994, theorem 4.2, with N = 63).
-///
-/// Why: every window a request touches finds its bucket and its oldest
-/// bucket by dividing the request's time by the window's bucket width, two
-/// to three divisions a window and some twenty a request with the shipped
-/// pack. A 64-bit division takes tens of cycles on the x86 cores we run on
-/// (14-46 on Zen 1, 42-95 on Skylake by Agner Fog's tables); a 64 x 64-bit
-/// multiplication takes three or four.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Reciprocal {
-    /// `floor(2^(63 + l) / d) + 1`, where `l = ceil(log2 d)`: below 2^64.
-    magic: u64,
-    /// `63 + l`.
-    shift: u32,
-}
-
-impl Reciprocal {
-    /// For a divisor `d` from 1 to 2^63.
-    fn new(d: u64) -> Reciprocal {
-        assert!((1..=1 << 63).contains(&d), "a divisor from 1 to 2^63");
-        let l = u64::BITS - (d - 1).leading_zeros();
-        // 2^(63 + l) / d is below 2^64 for d > 2^(l - 1), so the sum fits.
-        let magic = ((1u128 << (63 + l)) / u128::from(d) + 1) as u64;
-        Reciprocal {
-            magic,
-            shift: 63 + l,
-        }
-    }
-
-    /// `n / d`, exact for every `n` below 2^63. The product overshoots
-    /// `n / d` by less than `n / 2^(63 + l)`, under `1 / d`, which cannot
-    /// carry it past the next multiple of `d`.
-    fn divide(self, n: u64) -> u64 {
-        debug_assert!(n < 1 << 63);
-        ((u128::from(n) * u128::from(self.magic)) >> self.shift) as u64
     }
 }
 
@@ -523,82 +474,6 @@ mod tests {
     use super::*;
 
     const MIN: i64 = 60_000;
-
-    /// Divisors and dividends where a reciprocal goes wrong if it is off by
-    /// one anywhere: either side of every multiple, powers of two and their
-    /// neighbours, the largest dividends, and a spread of the rest (a fixed
-    /// pseudo-random sequence, so a failure repeats).
-    #[test]
-    fn the_reciprocal_divides_exactly() {
-        let mut divisors: Vec<u64> = vec![1, 2, 3, 7, 1000, 1001, 1023, 1024, 1025, 60_000];
-        divisors.extend((1..=63).flat_map(|p| [(1u64 << p) - 1, 1 << p, (1 << p) + 1]));
-        let spans = [90_000, 600_000, 3_600_000, 86_400_000, 2_592_000_000i64];
-        divisors.extend(spans.map(|s| Shape::new(s).bucket_ms as u64));
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        for _ in 0..200 {
-            let bits = next() % 63 + 1;
-            divisors.push((next() >> (64 - bits)).max(1));
-        }
-        let max = (1u64 << 63) - 1;
-        for &d in divisors.iter().filter(|&&d| d <= 1 << 63) {
-            let r = Reciprocal::new(d);
-            let mut dividends = vec![
-                0,
-                1,
-                d - 1,
-                max,
-                max - 1,
-                max - max % d,
-                (max - max % d).saturating_sub(1),
-            ];
-            for k in [1u64, 2, 3, 1000, 1 << 20, 1 << 40] {
-                if let Some(m) = d.checked_mul(k).filter(|&m| m <= max) {
-                    dividends.extend([m - 1, m, (m + 1).min(max)]);
-                }
-            }
-            for _ in 0..500 {
-                dividends.push(next() >> 1);
-                dividends.push((next() >> 1) % (d.saturating_mul(1 << 20).min(max) + 1));
-            }
-            for n in dividends.into_iter().filter(|&n| n <= max) {
-                assert_eq!(r.divide(n), n / d, "{n} / {d}");
-            }
-        }
-    }
-
-    /// A shape's buckets are `div_euclid`'s, either side of zero (times
-    /// before 1970 take the plain division).
-    #[test]
-    fn buckets_are_the_euclidean_quotient() {
-        for span in [1, 90_000, 600_000, 3_600_000, 86_400_000, 2_592_000_000] {
-            let shape = Shape::new(span);
-            for ts in [
-                i64::MIN,
-                -shape.bucket_ms - 1,
-                -shape.bucket_ms,
-                -1,
-                0,
-                1,
-                shape.bucket_ms - 1,
-                shape.bucket_ms,
-                1_764_000_000_000,
-                1_764_000_000_000 + shape.bucket_ms - 1,
-                i64::MAX,
-            ] {
-                assert_eq!(
-                    shape.bucket(ts),
-                    ts.div_euclid(shape.bucket_ms),
-                    "{ts} in {span}"
-                );
-            }
-        }
-    }
 
     #[test]
     fn counts_within_span_and_forgets_after() {
